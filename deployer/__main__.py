@@ -1,0 +1,5 @@
+"""`python -m deployer` is the `rackserve` command."""
+
+from deployer.cli import main
+
+main()

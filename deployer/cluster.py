@@ -1,0 +1,153 @@
+"""The cluster description: nodes, their GPUs and memory.
+
+`rackserve probe` writes this schema and `rackserve plan --cluster` reads it, so a cluster can be
+probed once on the rack and planned against anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deployer.errors import ConfigError
+
+MIB = 1024**2
+GIB = 1024**3
+
+
+class Gpu(BaseModel):
+    """One GPU of a node, as NVML reports it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0, description="NVML device index on the node.")
+    name: str = Field(default="", description="Product name, e.g. 'NVIDIA H100 80GB HBM3'.")
+    memory_total_mib: int = Field(gt=0, description="Total device memory in MiB.")
+    memory_free_mib: int = Field(ge=0, description="Free device memory in MiB when probed.")
+    memory_used_mib: int | None = Field(default=None, ge=0, description="Used memory in MiB.")
+    uuid: str | None = Field(default=None, description="NVML uuid, e.g. 'GPU-…'.")
+
+    @model_validator(mode="after")
+    def _free_within_total(self) -> Gpu:
+        if self.memory_free_mib > self.memory_total_mib:
+            raise ValueError(
+                f"memory_free_mib ({self.memory_free_mib}) exceeds memory_total_mib "
+                f"({self.memory_total_mib})"
+            )
+        return self
+
+
+class Node(BaseModel):
+    """One node: its GPUs, or, for a node without GPUs, the memory a CPU engine may use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="Node name; models pin to it with `node:`.")
+    gpus: list[Gpu] = Field(default_factory=list, description="The node's NVIDIA GPUs.")
+    cpu_memory_mib: int | None = Field(
+        default=None, ge=0, description="Memory available to CPU engines, in MiB."
+    )
+    driver_version: str | None = Field(default=None, description="NVIDIA driver version.")
+    ray_node_id: str | None = Field(default=None, description="Ray node id (hex).")
+    ip: str | None = Field(default=None, description="The node's address in the Ray cluster.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels.")
+
+    @model_validator(mode="after")
+    def _distinct_gpu_indices(self) -> Node:
+        indices = [gpu.index for gpu in self.gpus]
+        duplicates = sorted({i for i in indices if indices.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"GPU indices {duplicates} appear more than once")
+        return self
+
+    @property
+    def is_cpu_node(self) -> bool:
+        """A node with no GPUs."""
+        return not self.gpus
+
+
+class Cluster(BaseModel):
+    """All nodes of a cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nodes: list[Node] = Field(min_length=1, description="The nodes, in a stable order.")
+
+    @model_validator(mode="after")
+    def _distinct_node_names(self) -> Cluster:
+        names = [node.name for node in self.nodes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"node names {duplicates} appear more than once")
+        return self
+
+    @property
+    def has_gpus(self) -> bool:
+        """Whether any node has a GPU."""
+        return any(node.gpus for node in self.nodes)
+
+    def node(self, name: str) -> Node | None:
+        """The node with this name, if any."""
+        return next((node for node in self.nodes if node.name == name), None)
+
+
+def _where(loc: tuple[int | str, ...], document: Any) -> str:
+    """'nodes[1] (name 'gpu-2').gpus[0].memory_free_mib' for an error location."""
+    parts: list[str] = []
+    current = document
+    for part in loc:
+        if isinstance(part, int):
+            label = f"[{part}]"
+            if isinstance(current, list) and part < len(current):
+                current = current[part]
+                if isinstance(current, dict) and isinstance(current.get("name"), str):
+                    label += f" (name {current['name']!r})"
+            parts.append(label)
+        else:
+            parts.append(("." if parts else "") + part)
+            current = current.get(part) if isinstance(current, dict) else None
+    return "".join(parts) or "(cluster)"
+
+
+def parse_cluster(text: str, source: str = "cluster") -> Cluster:
+    """Parse a cluster description (YAML or JSON) with one message per problem."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError("not valid YAML or JSON", source=source) from None
+    if not isinstance(document, dict):
+        raise ConfigError(
+            "expected a mapping with a top-level key 'nodes' holding a list", source=source
+        )
+    try:
+        return Cluster.model_validate(document)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            message = str(err["msg"]).removeprefix("Value error, ")
+            where = _where(tuple(err["loc"]), document)
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{where}: unknown field")
+            elif err["type"] == "missing":
+                problems.append(f"{where}: is required")
+            else:
+                problems.append(f"{where}: {message}")
+        raise ConfigError(problems, source=source) from None
+
+
+def load_cluster(path: Path) -> Cluster:
+    """Read and parse a cluster file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", source="--cluster") from None
+    return parse_cluster(text, source=str(path))
+
+
+def dump_cluster(cluster: Cluster) -> str:
+    """The cluster as JSON, in the schema `parse_cluster` reads."""
+    return json.dumps(cluster.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
