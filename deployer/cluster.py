@@ -144,7 +144,9 @@ def load_cluster(path: Path) -> Cluster:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", source="--cluster") from None
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror or exc}", source="--cluster"
+        ) from None
     return parse_cluster(text, source=str(path))
 
 

@@ -44,7 +44,7 @@ class ModelConfig(BaseModel):
     )
     model_source: str | None = Field(
         default=None,
-        description="Hugging Face repo id or local directory of the checkpoint (default: model_id).",
+        description="Hugging Face repo id or local checkpoint directory (default: model_id).",
     )
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="GPUs per replica, all on one node; must divide the heads."
@@ -272,7 +272,9 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(f"{name} must be an integer (got {value!r})", source="environment") from None
+        raise ConfigError(
+            f"{name} must be an integer (got {value!r})", source="environment"
+        ) from None
     return number
 
 
@@ -295,7 +297,7 @@ def models_from_environment(environ: Mapping[str, str]) -> ModelManager | None:
 
 
 def load_models(path: Path | None, environ: Mapping[str, str] | None = None) -> ModelManager:
-    """The models to serve, by precedence: `--models FILE`, then `MODELS_CONFIG`, then `MODEL_ID`."""
+    """The models to serve: `--models FILE`, else `MODELS_CONFIG`, else `MODEL_ID`."""
     environ = os.environ if environ is None else environ
     if path is not None:
         try:

@@ -1,0 +1,125 @@
+"""The `rackserve` command line.
+
+Exit codes: 0 success; 1 the environment failed; 2 bad input (nothing planned or launched);
+3 some model could not be placed (nothing launched).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from deployer import __version__
+from deployer.cluster import load_cluster
+from deployer.errors import ExitCode, RackserveError
+from deployer.models_config import load_models
+from deployer.placement import DEFAULT_RESERVE_GIB
+from deployer.render import estimates_table, print_plan
+from deployer.workflow import estimate_models, plan_models
+
+app = typer.Typer(
+    name="rackserve",
+    help="Plan and serve many LLMs on the GPUs of an on-prem rack.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Wide enough for the tables when output goes to a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() else 132)
+errors = Console(stderr=True)
+
+ModelsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--models",
+        "-m",
+        help="Models file (YAML or JSON, top-level `models:` list). "
+        "Default: $MODELS_CONFIG, then $MODEL_ID.",
+        dir_okay=False,
+    ),
+]
+JsonOption = Annotated[
+    str | None,
+    typer.Option("--json", help="Also write the result as JSON to this file ('-' for stdout)."),
+]
+
+
+def _write_json(target: str, document: dict[str, Any] | list[Any]) -> None:
+    text = json.dumps(document, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        Path(target).write_text(text, encoding="utf-8")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"rackserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Plan and serve many LLMs on the GPUs of an on-prem rack."""
+
+
+@app.command()
+def estimate(models: ModelsOption = None, json_out: JsonOption = None) -> None:
+    """Estimate each model's memory per GPU: weights, KV cache, overhead."""
+    registry = load_models(models)
+    estimates = estimate_models(registry)
+    if json_out != "-":
+        console.print(estimates_table(estimates))
+    if json_out:
+        _write_json(json_out, [e.as_json() for e in estimates])
+
+
+@app.command()
+def plan(
+    cluster: Annotated[
+        Path,
+        typer.Option(
+            "--cluster",
+            "-c",
+            help="Cluster file (YAML or JSON), as `probe` writes.",
+            dir_okay=False,
+        ),
+    ],
+    models: ModelsOption = None,
+    json_out: JsonOption = None,
+    reserve_gib: Annotated[
+        float,
+        typer.Option(help="GiB held back on every GPU (and CPU node); 0 uses all free memory."),
+    ] = DEFAULT_RESERVE_GIB,
+) -> None:
+    """Place the models on the cluster's GPUs; exit 3 if some model does not fit."""
+    registry = load_models(models)
+    the_cluster = load_cluster(cluster)
+    result = plan_models(the_cluster, registry, estimate_models(registry), reserve_gib)
+    if json_out != "-":
+        print_plan(console, result)
+    if json_out:
+        _write_json(json_out, result.as_json())
+    if result.unplaced:
+        raise typer.Exit(ExitCode.UNPLACED)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; expected errors print one message and exit with their code.
+
+    Usage errors (a missing or malformed option) exit 2 through click, like bad input.
+    """
+    try:
+        app(args=argv, prog_name="rackserve")
+    except RackserveError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)

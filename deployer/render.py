@@ -1,0 +1,102 @@
+"""Tables for the terminal (rich): estimates, plans and per-GPU fill."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from deployer.cluster import GIB
+from deployer.estimate import MemoryEstimate
+from deployer.placement import Plan
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def estimates_table(estimates: Sequence[MemoryEstimate]) -> Table:
+    """One row per model: weights, KV cache and overhead per GPU, and the total."""
+    table = Table(title="Memory per GPU (GiB)", title_justify="left")
+    for column in ("model", "tp", "weights", "KV/token", "KV tokens", "KV", "overhead", "total"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_column("weights from")
+    for e in estimates:
+        per_token = e.kv_cache_bytes_per_token_per_gpu
+        table.add_row(
+            e.model_id,
+            str(e.tensor_parallel_size),
+            _gib(e.weights_bytes_per_gpu),
+            "-" if per_token is None else f"{per_token / 1024:.1f} KiB",
+            "-" if e.kv_cache_tokens is None else f"{e.kv_cache_tokens:,}",
+            _gib(e.kv_cache_bytes_per_gpu),
+            _gib(e.overhead_bytes_per_gpu),
+            _gib(e.total_bytes_per_gpu),
+            e.weights_from,
+        )
+    return table
+
+
+def plan_table(plan: Plan) -> Table:
+    """One row per placement, in launch order."""
+    table = Table(title="Plan (launch order)", title_justify="left")
+    table.add_column("model")
+    table.add_column("node")
+    if plan.device == "gpu":
+        for column in ("GPUs", "GiB/GPU", "fraction", "gpu_mem_util", "extra KV GiB"):
+            table.add_column(column, justify="right")
+    else:
+        for column in ("GiB", "KV cache GiB"):
+            table.add_column(column, justify="right")
+    for p in plan.placements:
+        if plan.device == "gpu":
+            table.add_row(
+                p.model_id,
+                p.node,
+                ",".join(map(str, p.gpus)),
+                _gib(p.gpu_memory_bytes),
+                f"{p.gpu_fraction:.4f}" if p.gpu_fraction is not None else "-",
+                f"{p.gpu_memory_utilization:.4f}" if p.gpu_memory_utilization is not None else "-",
+                _gib(p.extra_kv_bytes),
+            )
+        else:
+            table.add_row(
+                p.model_id, p.node, _gib(p.gpu_memory_bytes), _gib(p.kv_cache_memory_bytes)
+            )
+    return table
+
+
+def fill_table(plan: Plan) -> Table:
+    """How full each device is; unused devices are summed in the caption."""
+    unit = "GPU" if plan.device == "gpu" else "CPU node"
+    table = Table(title=f"{unit} fill", title_justify="left")
+    for column in ("node", unit, "booked GiB", "usable GiB", "fill", "models"):
+        table.add_column(column, justify="right" if "GiB" in column or column == "fill" else "left")
+    idle = 0
+    for fill in plan.fills:
+        if not fill.tenants:
+            idle += 1
+            continue
+        share = fill.booked_bytes / fill.usable_bytes if fill.usable_bytes else 0.0
+        table.add_row(
+            fill.node,
+            "-" if fill.index is None else str(fill.index),
+            _gib(fill.booked_bytes),
+            _gib(fill.usable_bytes),
+            f"{share:.0%}",
+            ", ".join(fill.tenants),
+        )
+    table.caption = (
+        f"{plan.gpus_used} {unit}(s) used on {plan.nodes_used} node(s); {idle} left free"
+        + ("; optimal (proven)" if plan.proven_optimal else "")
+    )
+    return table
+
+
+def print_plan(console: Console, plan: Plan) -> None:
+    """The plan, the fill summary and the models left out."""
+    console.print(plan_table(plan))
+    console.print(fill_table(plan))
+    for u in plan.unplaced:
+        console.print(f"[bold red]not placed[/] {u.model_id}: {u.reason}", highlight=False)
