@@ -49,6 +49,7 @@ class Architecture:
     max_model_len: int | None
     gated_mlp: bool = True
     attention_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys (Qwen3)
     # Multi-head latent attention (DeepSeek V2/V3): set when kv_lora_rank is.
     kv_lora_rank: int | None = None
     q_lora_rank: int | None = None
@@ -190,8 +191,9 @@ def parse_architecture(config: Mapping[str, Any]) -> Architecture:
         max_model_len=derived_max_model_len(config),
         gated_mlp=model_type not in _UNGATED_MLP_TYPES,
         attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        qk_norm=model_type.startswith("qwen3"),
         kv_lora_rank=kv_lora_rank if is_mla else None,
-        q_lora_rank=_int(config, "q_lora_rank", default=0) or None if is_mla else None,
+        q_lora_rank=(_int(config, "q_lora_rank", default=0) or None) if is_mla else None,
         qk_rope_head_dim=_int(config, "qk_rope_head_dim", default=0) if is_mla else 0,
         qk_nope_head_dim=_int(config, "qk_nope_head_dim", default=0) if is_mla else 0,
         v_head_dim=_int(config, "v_head_dim", default=head_dim) if is_mla else head_dim,
@@ -223,7 +225,8 @@ def _attention_parameters(arch: Architecture) -> tuple[int, int]:
     kv_width = arch.num_kv_heads * arch.head_dim
     linear = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
     bias = q_width + 2 * kv_width if arch.attention_bias else 0
-    return linear, bias
+    qk_norm = 2 * arch.head_dim if arch.qk_norm else 0
+    return linear, bias + qk_norm
 
 
 def count_parameters(arch: Architecture) -> ParameterCount:

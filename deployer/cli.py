@@ -121,5 +121,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="rackserve")
     except RackserveError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -185,8 +185,15 @@ def _size_key(item: PackItem) -> int:
 
 
 def _decreasing(items: Sequence[PackItem], chosen: Iterable[int]) -> list[int]:
-    """Whole-GPU items first (largest groups first), then shared items, largest first."""
-    return sorted(chosen, key=lambda i: (-items[i].whole, -_size_key(items[i]), i))
+    """Items in the order the constructions place them.
+
+    Pinned items first (they have one choice), then whole-GPU items, widest groups first,
+    then shared items, largest first.
+    """
+    return sorted(
+        chosen,
+        key=lambda i: (len(items[i].units) != 1, -items[i].whole, -_size_key(items[i]), i),
+    )
 
 
 def _construct(

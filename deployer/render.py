@@ -99,4 +99,6 @@ def print_plan(console: Console, plan: Plan) -> None:
     console.print(plan_table(plan))
     console.print(fill_table(plan))
     for u in plan.unplaced:
-        console.print(f"[bold red]not placed[/] {u.model_id}: {u.reason}", highlight=False)
+        console.print(
+            f"[bold red]not placed[/] {u.model_id}: {u.reason}", highlight=False, soft_wrap=True
+        )
