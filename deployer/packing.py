@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -48,6 +49,11 @@ class PackItem:
 
     whole: int
     units: Mapping[int, int]
+
+    @functools.cached_property
+    def smallest(self) -> int:
+        """Its smallest size in units on any eligible node (0 if it has none)."""
+        return min(self.units.values(), default=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +187,7 @@ class _State:
 
 
 def _size_key(item: PackItem) -> int:
-    return item.whole * CAPACITY if item.whole else min(item.units.values(), default=0)
+    return item.whole * CAPACITY if item.whole else item.smallest
 
 
 def _decreasing(items: Sequence[PackItem], chosen: Iterable[int]) -> list[int]:
@@ -266,7 +272,7 @@ def gpu_lower_bound(nodes: Sequence[PackNode], items: Sequence[PackItem]) -> int
     items too big to pair with any other.
     """
     whole = sum(item.whole for item in items if item.whole)
-    shared = [min(item.units.values()) for item in items if not item.whole and item.units]
+    shared = [item.smallest for item in items if not item.whole and item.units]
     volume = -(-sum(shared) // CAPACITY)
     big = sum(1 for size in shared if size * 2 > CAPACITY)
     return whole + max(volume, big)
@@ -334,7 +340,7 @@ class _Search:
         for position in range(len(self.order) - 1, -1, -1):
             item = items[self.order[position]]
             self.suffix_units[position] = self.suffix_units[position + 1] + (
-                0 if item.whole else min(item.units.values(), default=0)
+                0 if item.whole else item.smallest
             )
             self.suffix_whole[position] = self.suffix_whole[position + 1] + item.whole
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from deployer.cluster import GIB, MIB, Cluster, Node
 from deployer.errors import ConfigError
-from deployer.packing import CAPACITY, PackItem, PackNode, pack
+from deployer.packing import CAPACITY, ItemPlace, PackItem, PackNode, pack
 
 DEFAULT_RESERVE_GIB = 1.0
 """Memory held back on every GPU (and CPU node) by default, for fragmentation and spikes."""
@@ -186,20 +186,38 @@ def _matches_accelerator(node: Node, accelerator_type: str | None) -> bool:
     return bool(node.gpus) and all(wanted in gpu.name.lower() for gpu in node.gpus)
 
 
-def _eligible(demand: Demand, views: Sequence[_NodeView], device: str) -> dict[int, int]:
-    """Nodes the demand may go on, with its size in units there."""
-    sizes = {}
-    for n, view in enumerate(views):
-        if demand.node is not None and view.node.name != demand.node:
-            continue
+def _eligible(
+    demand: Demand, views: Sequence[_NodeView], classes: Mapping[object, list[int]], device: str
+) -> dict[int, int]:
+    """Nodes the demand may go on, with its size in units there.
+
+    Nodes alike in what decides eligibility (`classes`, see `_node_classes`) are decided once.
+    """
+    sizes: dict[int, int] = {}
+    for members in classes.values():
+        view = views[members[0]]
+        if demand.node is not None:
+            members = [n for n in members if views[n].node.name == demand.node]  # noqa: PLW2901
+            if not members:
+                continue
         if device == "gpu" and not _matches_accelerator(view.node, demand.accelerator_type):
             continue
         if demand.tensor_parallel_size > len(view.devices) or view.budget <= 0:
             continue
         if demand.bytes_per_gpu > view.budget:
             continue
-        sizes[n] = max(1, math.ceil(demand.bytes_per_gpu * CAPACITY / view.budget))
+        size = max(1, math.ceil(demand.bytes_per_gpu * CAPACITY / view.budget))
+        sizes.update(dict.fromkeys(members, size))
     return sizes
+
+
+def _node_classes(views: Sequence[_NodeView]) -> dict[object, list[int]]:
+    """Nodes grouped by device count, per-device budget and GPU names."""
+    classes: dict[object, list[int]] = defaultdict(list)
+    for n, view in enumerate(views):
+        names = tuple(gpu.name for gpu in view.node.gpus)
+        classes[(len(view.devices), view.budget, names)].append(n)
+    return classes
 
 
 def _why_no_node(demand: Demand, views: Sequence[_NodeView], device: str, reserve: int) -> str:
@@ -256,6 +274,29 @@ def _why_no_node(demand: Demand, views: Sequence[_NodeView], device: str, reserv
     return f"{message}; lower max_model_len or max_num_seqs, or add memory"
 
 
+def _packing_problem(
+    views: Sequence[_NodeView], demands: Sequence[Demand], device: str
+) -> tuple[list[PackNode], list[PackItem]]:
+    classes = _node_classes(views)
+    items = [
+        PackItem(
+            whole=d.tensor_parallel_size if d.tensor_parallel_size > 1 else 0,
+            units=_eligible(d, views, classes, device),
+        )
+        for d in demands
+    ]
+    return [PackNode(len(v.devices)) for v in views], items
+
+
+def packing_problem(
+    cluster: Cluster, demands: Sequence[Demand], reserve_gib: float = DEFAULT_RESERVE_GIB
+) -> tuple[list[PackNode], list[PackItem]]:
+    """The abstract packing problem `plan_placements` solves (for benchmarks and solvers)."""
+    device = "gpu" if cluster.has_gpus else "cpu"
+    views = _node_views(cluster, round(reserve_gib * GIB), device)
+    return _packing_problem(views, demands, device)
+
+
 def _check_pins(demands: Sequence[Demand], cluster: Cluster) -> None:
     names = [node.name for node in cluster.nodes]
     problems = [
@@ -282,12 +323,9 @@ def plan_placements(
     device: Literal["gpu", "cpu"] = "gpu" if cluster.has_gpus else "cpu"
     reserve = round(reserve_gib * GIB)
     views = _node_views(cluster, reserve, device)
-    eligible = [_eligible(d, views, device) for d in demands]
-    items = [
-        PackItem(whole=d.tensor_parallel_size if d.tensor_parallel_size > 1 else 0, units=sizes)
-        for d, sizes in zip(demands, eligible, strict=True)
-    ]
-    packing = pack([PackNode(len(v.devices)) for v in views], items)
+    nodes, items = _packing_problem(views, demands, device)
+    eligible = [item.units for item in items]
+    packing = pack(nodes, items)
 
     unplaced = []
     for demand, sizes, place in zip(demands, eligible, packing.places, strict=True):
@@ -303,19 +341,18 @@ def plan_placements(
             unplaced.append(Unplaced(demand.model_id, reason))
 
     # Who is on which device, in launch order (see the module docstring).
-    tenants: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, place in enumerate(packing.places):
-        if place is not None:
-            for slot in place.slots:
-                tenants[(place.node, slot)].append(i)
     launch = sorted(
         (i for i, p in enumerate(packing.places) if p is not None),
         key=lambda i: _launch_key(i, packing.places, items, demands),
     )
+    places = _as_ray_assigns(launch, packing.places, items)
+    tenants: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i in launch:
+        for slot in places[i].slots:
+            tenants[(places[i].node, slot)].append(i)
     placements = []
     for i in launch:
-        place = packing.places[i]
-        assert place is not None
+        place = places[i]
         sharing = [[demands[j] for j in tenants[(place.node, slot)]] for slot in place.slots]
         placements.append(_placement(demands[i], views[place.node], sharing, place.slots, device))
     fills = tuple(
@@ -331,6 +368,42 @@ def plan_placements(
         for slot, dev in enumerate(view.devices)
     )
     return Plan(tuple(placements), tuple(unplaced), fills, device, packing.proven_optimal)
+
+
+def _as_ray_assigns(
+    launch: Sequence[int], planned: Sequence[ItemPlace | None], items: Sequence[PackItem]
+) -> dict[int, ItemPlace]:
+    """The GPUs Ray gives each placement when its bundles are created in launch order.
+
+    Ray takes free whole GPUs for whole bundles and gives a fractional bundle the first GPU
+    (by index) with room. Launching node by node, group by group, Ray never needs more GPUs
+    than the plan's groups (a group's items fit in its own GPU if no earlier one has room),
+    and since fractions are sized against the node's tightest GPU, any GPU Ray picks has the
+    memory. The plan reports Ray's choice, so what runs is what was planned.
+    """
+    remaining: dict[int, list[int]] = {}
+    result: dict[int, ItemPlace] = {}
+    for i in launch:
+        place = planned[i]
+        assert place is not None
+        free = remaining.setdefault(place.node, [])
+        if items[i].whole:
+            slots = [s for s, room in enumerate(free) if room == CAPACITY][: items[i].whole]
+            while len(slots) < items[i].whole:
+                free.append(CAPACITY)
+                slots.append(len(free) - 1)
+            for s in slots:
+                free[s] = 0
+        else:
+            size = items[i].units[place.node]
+            slot = next((s for s, room in enumerate(free) if room >= size), None)
+            if slot is None:
+                free.append(CAPACITY)
+                slot = len(free) - 1
+            free[slot] -= size
+            slots = [slot]
+        result[i] = ItemPlace(place.node, tuple(slots))
+    return result
 
 
 def _launch_key(
