@@ -1,0 +1,62 @@
+"""The README's examples run as written, and its reference lists every field."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deployer.models_config import ModelConfig
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rackserve(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"MODELS_CONFIG", "MODEL_ID"}}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "deployer", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+
+
+def test_readme_plan_example_runs_and_places_every_model() -> None:
+    result = rackserve(
+        "plan",
+        "--cluster",
+        "examples/cluster.yaml",
+        "--models",
+        "examples/models.yaml",
+        "--json",
+        "-",
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["summary"]["models_placed"] == 7
+    by_id = {p["model_id"]: p for p in plan["placements"]}
+    assert by_id["qwen2.5-7b"]["node"] == "gpu-03"  # pinned
+    assert by_id["qwen3-30b-a3b"]["node"] in {"gpu-01", "gpu-02"}  # H100 only
+    assert all(p["node"] != "head" for p in plan["placements"])  # CPU node unused
+
+
+def test_readme_estimate_example_runs() -> None:
+    result = rackserve("estimate", "--models", "examples/models.yaml", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    rows = {row["model_id"]: row for row in json.loads(result.stdout)}
+    assert rows["llama-3.1-70b"]["kv_cache_gib_per_gpu"] == 20.0
+
+
+def test_readme_documents_every_model_field() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in ModelConfig.model_fields if f"| `{name}` |" not in readme]
+    assert not missing, f"README's models configuration table lacks {missing}"
