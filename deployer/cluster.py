@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployer.documents import decode_document, duplicates, read_input_file
 from deployer.errors import ConfigError
 
 MIB = 1024**2
@@ -58,10 +58,9 @@ class Node(BaseModel):
 
     @model_validator(mode="after")
     def _distinct_gpu_indices(self) -> Node:
-        indices = [gpu.index for gpu in self.gpus]
-        duplicates = sorted({i for i in indices if indices.count(i) > 1})
-        if duplicates:
-            raise ValueError(f"GPU indices {duplicates} appear more than once")
+        repeated = duplicates([gpu.index for gpu in self.gpus])
+        if repeated:
+            raise ValueError(f"GPU indices {repeated} appear more than once")
         return self
 
     @property
@@ -79,10 +78,9 @@ class Cluster(BaseModel):
 
     @model_validator(mode="after")
     def _distinct_node_names(self) -> Cluster:
-        names = [node.name for node in self.nodes]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"node names {duplicates} appear more than once")
+        repeated = duplicates([node.name for node in self.nodes])
+        if repeated:
+            raise ValueError(f"node names {repeated} appear more than once")
         return self
 
     @property
@@ -115,10 +113,7 @@ def _where(loc: tuple[int | str, ...], document: Any) -> str:
 
 def parse_cluster(text: str, source: str = "cluster") -> Cluster:
     """Parse a cluster description (YAML or JSON) with one message per problem."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError("not valid YAML or JSON", source=source) from None
+    document = decode_document(text, source)
     if not isinstance(document, dict):
         raise ConfigError(
             "expected a mapping with a top-level key 'nodes' holding a list", source=source
@@ -141,13 +136,7 @@ def parse_cluster(text: str, source: str = "cluster") -> Cluster:
 
 def load_cluster(path: Path) -> Cluster:
     """Read and parse a cluster file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {path}: {exc.strerror or exc}", source="--cluster"
-        ) from None
-    return parse_cluster(text, source=str(path))
+    return parse_cluster(read_input_file(path, "--cluster"), source=str(path))
 
 
 def dump_cluster(cluster: Cluster) -> str:

@@ -13,9 +13,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deployer.documents import decode_document, read_input_file
 from deployer.errors import ConfigError
 
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16"]
@@ -190,28 +190,6 @@ def _model_label(index: int, raw: object) -> str:
     return f"models[{index}] (id {model_id!r})" if isinstance(model_id, str) else f"models[{index}]"
 
 
-def _decode(text: str, source: str) -> object:
-    """JSON when it looks like JSON (for its precise messages), else YAML."""
-    if not text.strip():
-        raise ConfigError("it is empty; expected a list of models", source=source)
-    if text.lstrip()[0] in "[{":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            # Flow-style YAML looks like JSON too: report JSON's error only if YAML fails as well.
-            json_error: str | None = (
-                f"not valid JSON or YAML ({exc.msg} at line {exc.lineno} column {exc.colno})"
-            )
-    else:
-        json_error = None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ConfigError(json_error or f"not valid YAML or JSON{where}", source=source) from None
-
-
 def parse_models_config(text: str, source: str = "models config") -> ModelManager:
     """Parse a models configuration (YAML or JSON) into a registry.
 
@@ -219,7 +197,9 @@ def parse_models_config(text: str, source: str = "models config") -> ModelManage
     `MODELS_CONFIG` environment variable). Every problem in every model is reported at once,
     each naming the model (index and id) and the field.
     """
-    document = _decode(text, source)
+    if not text.strip():
+        raise ConfigError("it is empty; expected a list of models", source=source)
+    document = decode_document(text, source)
     if isinstance(document, dict):
         if "models" not in document:
             raise ConfigError(
@@ -300,13 +280,7 @@ def load_models(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     """The models to serve: `--models FILE`, else `MODELS_CONFIG`, else `MODEL_ID`."""
     environ = os.environ if environ is None else environ
     if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {path}: {exc.strerror or exc}", source="--models"
-            ) from None
-        return parse_models_config(text, source=str(path))
+        return parse_models_config(read_input_file(path, "--models"), source=str(path))
     models = models_from_environment(environ)
     if models is None:
         raise ConfigError(

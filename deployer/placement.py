@@ -292,7 +292,7 @@ def packing_problem(
     cluster: Cluster, demands: Sequence[Demand], reserve_gib: float = DEFAULT_RESERVE_GIB
 ) -> tuple[list[PackNode], list[PackItem]]:
     """The abstract packing problem `plan_placements` solves (for benchmarks and solvers)."""
-    device = "gpu" if cluster.has_gpus else "cpu"
+    device: Literal["gpu", "cpu"] = "gpu" if cluster.has_gpus else "cpu"
     views = _node_views(cluster, round(reserve_gib * GIB), device)
     return _packing_problem(views, demands, device)
 
