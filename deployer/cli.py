@@ -15,11 +15,11 @@ import typer
 from rich.console import Console
 
 from deployer import __version__
-from deployer.cluster import load_cluster
+from deployer.cluster import dump_cluster, load_cluster
 from deployer.errors import ExitCode, RackserveError
 from deployer.models_config import load_models
 from deployer.placement import DEFAULT_RESERVE_GIB
-from deployer.render import estimates_table, print_plan
+from deployer.render import cluster_table, estimates_table, print_plan
 from deployer.workflow import estimate_models, plan_models
 
 app = typer.Typer(
@@ -50,7 +50,10 @@ JsonOption = Annotated[
 
 
 def _write_json(target: str, document: dict[str, Any] | list[Any]) -> None:
-    text = json.dumps(document, indent=2) + "\n"
+    _write_text(target, json.dumps(document, indent=2) + "\n")
+
+
+def _write_text(target: str, text: str) -> None:
     if target == "-":
         sys.stdout.write(text)
     else:
@@ -111,6 +114,29 @@ def plan(
         _write_json(json_out, result.as_json())
     if result.unplaced:
         raise typer.Exit(ExitCode.UNPLACED)
+
+
+AddressOption = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        "-a",
+        envvar="RAY_ADDRESS",
+        help="Ray cluster: HOST:PORT (GCS), ray://HOST:10001 (Ray Client) or 'auto'.",
+    ),
+]
+
+
+@app.command()
+def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
+    """Probe every Ray node's GPUs (NVML) or memory; write the cluster file `plan` reads."""
+    from deployer.probe import probe_cluster  # noqa: PLC0415 - needs Ray
+
+    cluster = probe_cluster(address)
+    if json_out != "-":
+        console.print(cluster_table(cluster))
+    if json_out:
+        _write_text(json_out, dump_cluster(cluster))
 
 
 def main(argv: list[str] | None = None) -> None:

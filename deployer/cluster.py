@@ -18,6 +18,9 @@ from deployer.errors import ConfigError
 MIB = 1024**2
 GIB = 1024**3
 
+NODE_LABEL = "rackserve/node"
+"""Ray node label naming a node (`ray start --labels rackserve/node=NAME`); models pin to it."""
+
 
 class Gpu(BaseModel):
     """One GPU of a node, as NVML reports it."""

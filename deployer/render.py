@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from deployer.cluster import GIB
+from deployer.cluster import GIB, MIB, Cluster
 from deployer.estimate import MemoryEstimate
 from deployer.placement import Plan
 
@@ -35,6 +35,28 @@ def estimates_table(estimates: Sequence[MemoryEstimate]) -> Table:
             _gib(e.total_bytes_per_gpu),
             e.weights_from,
         )
+    return table
+
+
+def cluster_table(cluster: Cluster) -> Table:
+    """One row per GPU (or CPU node): what the probe found."""
+    table = Table(title="Cluster", title_justify="left")
+    for column in ("node", "ip", "GPU", "name", "total GiB", "free GiB", "driver"):
+        table.add_column(column, justify="right" if "GiB" in column else "left")
+    for node in cluster.nodes:
+        if node.is_cpu_node:
+            memory = (node.cpu_memory_mib or 0) * MIB
+            table.add_row(node.name, node.ip or "-", "-", "CPU", "-", _gib(memory), "-")
+        for gpu in node.gpus:
+            table.add_row(
+                node.name,
+                node.ip or "-",
+                str(gpu.index),
+                gpu.name,
+                _gib(gpu.memory_total_mib * MIB),
+                _gib(gpu.memory_free_mib * MIB),
+                node.driver_version or "-",
+            )
     return table
 
 

@@ -1,0 +1,223 @@
+"""A real local Ray cluster for integration tests: two `ray start --block` processes we own.
+
+The head listens on 127.0.0.2 and the worker on 127.0.0.3 (Ray rewrites 127.0.0.1 to the
+machine's external address), each with its own temp dir and the label `rackserve/node=<name>`.
+Each `ray start` runs in a session of its own, so teardown stops exactly the processes it
+started, by PID, and never calls `ray stop` (which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HEAD_IP = "127.0.0.2"
+WORKER_IP = "127.0.0.3"
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+# Ray's sockets live at <temp dir>/session_<date>_<pid>/sockets/plasma_store: about 60
+# characters below the temp dir, within the 107 of a Unix socket path.
+MAX_TEMP_DIR_CHARS = 40
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """One `ray start --block` process of the test cluster."""
+
+    name: str
+    ip: str
+    temp_dir: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """The running test cluster: its GCS and Ray Client addresses and its nodes, head first."""
+
+    address: str
+    client_address: str
+    nodes: tuple[RayNode, ...]
+
+    @property
+    def node_names(self) -> list[str]:
+        """The nodes' `rackserve/node` labels, head first."""
+        return [node.name for node in self.nodes]
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((ip, 0))
+        return int(sock.getsockname()[1])
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    found = str(beside) if beside.exists() else shutil.which("ray")
+    if found is None:
+        pytest.skip("the `ray` command is not installed (pip install -e '.[serve]')")
+    return found
+
+
+def _session_pids(session_id: int) -> list[int]:
+    """PIDs of the processes in a session: a `ray start` and everything it spawned."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # Field 6 is the session id; the command name (field 2) may hold spaces.
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[3]) == session_id:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def _stop(node: RayNode) -> None:
+    """SIGTERM the `ray start` (it stops its children), then SIGKILL what is left of its session."""
+    if node.process.poll() is None:
+        node.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.process.wait(STOP_TIMEOUT_S)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while (pids := _session_pids(node.process.pid)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.process.wait(STOP_TIMEOUT_S)
+
+
+def _start(args: list[str], name: str, ip: str, temp_dir: Path, env: dict[str, str]) -> RayNode:
+    temp_dir.mkdir(parents=True)
+    log = temp_dir.with_suffix(".log")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                _ray_executable(),
+                "start",
+                "--block",
+                f"--node-ip-address={ip}",
+                f"--temp-dir={temp_dir}",
+                f"--labels=rackserve/node={name}",
+                "--num-cpus=2",
+                f"--memory={4 * 1024**3}",
+                f"--object-store-memory={128 * 1024**2}",
+                f"--dashboard-agent-listen-port={_free_port(ip)}",
+                "--disable-usage-stats",
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own session: teardown finds all it spawned
+        )
+    return RayNode(name=name, ip=ip, temp_dir=temp_dir, log=log, process=process)
+
+
+def _wait_started(node: RayNode, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if "Ray runtime started" in node.log.read_text(errors="replace"):
+            return
+        if node.process.poll() is not None:
+            break
+        time.sleep(0.2)
+    tail = node.log.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"`ray start` for node {node.name} ({node.ip}) did not start:\n{tail}")
+
+
+def _wait_nodes_alive(address: str, count: int, env: dict[str, str], timeout_s: float) -> None:
+    """Wait, in a separate driver, until the GCS lists `count` alive nodes."""
+    script = (
+        "import sys, time, ray\n"
+        "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+        "deadline = time.monotonic() + float(sys.argv[3])\n"
+        "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]):\n"
+        "    if time.monotonic() > deadline: sys.exit('only %s' % ray.nodes())\n"
+        "    time.sleep(0.2)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, address, str(count), str(timeout_s)],
+        env=env,
+        check=True,
+        timeout=timeout_s + 30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@contextlib.contextmanager
+def start_ray_cluster(
+    base_dir: Path, names: tuple[str, str] = ("head", "worker")
+) -> Iterator[RayCluster]:
+    """Start a head and a worker on loopback addresses; stop both (by PID) on exit."""
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS"}}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # Ray 2.60 drains 30 s on SIGTERM
+    port, client_port = _free_port(HEAD_IP), _free_port(HEAD_IP)
+    address = f"{HEAD_IP}:{port}"
+    nodes: list[RayNode] = []
+    try:
+        head = _start(
+            [
+                "--head",
+                f"--port={port}",
+                f"--ray-client-server-port={client_port}",
+                "--include-dashboard=false",
+            ],
+            names[0],
+            HEAD_IP,
+            base_dir / names[0],
+            env,
+        )
+        nodes.append(head)
+        _wait_started(head, time.monotonic() + START_TIMEOUT_S)
+        worker = _start([f"--address={address}"], names[1], WORKER_IP, base_dir / names[1], env)
+        nodes.append(worker)
+        _wait_started(worker, time.monotonic() + START_TIMEOUT_S)
+        _wait_nodes_alive(address, len(nodes), env, START_TIMEOUT_S)
+        yield RayCluster(
+            address=address, client_address=f"ray://{HEAD_IP}:{client_port}", nodes=tuple(nodes)
+        )
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A two-node Ray cluster on this machine for the whole test session.
+
+    Temp dirs go under $RAY_TEMP_DIR when set, else under pytest's temp dir; a path too long
+    for Ray's Unix sockets falls back to a short directory in /tmp, removed afterwards.
+    """
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[serve]')")
+    root = os.environ.get("RAY_TEMP_DIR")
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        base = Path(tempfile.mkdtemp(prefix="rs-", dir=root))
+    else:
+        base = tmp_path_factory.mktemp("ray")
+    owned = base if root else None  # pytest cleans its own temp dirs; we clean ours
+    if len(str(base)) > MAX_TEMP_DIR_CHARS - len("/worker"):
+        base = Path(tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp"))
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
+        owned = base
+    try:
+        with start_ray_cluster(base) as cluster:
+            yield cluster
+    finally:
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
