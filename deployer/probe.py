@@ -69,7 +69,8 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _connect(address: str) -> None:
+def connect(address: str) -> None:
+    """Connect this process to the Ray cluster at `address`, or raise ProbeError saying why."""
     import ray
 
     _check_reachable(address)
@@ -150,7 +151,7 @@ def probe_cluster(address: str = "auto", timeout_s: float = 120.0) -> Cluster:
 
     connected_here = not ray.is_initialized()
     if connected_here:
-        _connect(address)
+        connect(address)
     try:
         nodes = nodes_to_probe(ray.nodes())  # type: ignore[no-untyped-call]
         if not nodes:

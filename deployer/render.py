@@ -69,7 +69,7 @@ def plan_table(plan: Plan) -> Table:
         for column in ("GPUs", "GiB/GPU", "fraction", "gpu_mem_util", "extra KV GiB"):
             table.add_column(column, justify="right")
     else:
-        for column in ("GiB", "KV cache GiB"):
+        for column in ("GiB", "KV cache MiB"):
             table.add_column(column, justify="right")
     for p in plan.placements:
         if plan.device == "gpu":

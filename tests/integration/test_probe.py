@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from deployer.cluster import dump_cluster, parse_cluster
+from deployer.local_ray import HEAD_IP, WORKER_IP, RayCluster
 from deployer.probe import NODE_LABEL, ProbeError, probe_cluster
-from tests.integration.conftest import HEAD_IP, WORKER_IP, RayCluster
 
 pytestmark = pytest.mark.integration
 

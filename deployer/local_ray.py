@@ -1,9 +1,11 @@
-"""A real local Ray cluster for integration tests: two `ray start --block` processes we own.
+"""A real Ray cluster of several nodes on this machine, on loopback addresses.
 
-The head listens on 127.0.0.2 and the worker on 127.0.0.3 (Ray rewrites 127.0.0.1 to the
-machine's external address), each with its own temp dir and the label `rackserve/node=<name>`.
-Each `ray start` runs in a session of its own, so teardown stops exactly the processes it
-started, by PID, and never calls `ray stop` (which would stop every Ray on the machine).
+For the quickstart, the end-to-end tests and the benchmarks: `ray start --block` processes
+that this module starts and stops itself. The head listens on 127.0.0.2 and the worker on
+127.0.0.3 (Ray rewrites 127.0.0.1 to the machine's external address), each with its own temp dir
+and the label `rackserve/node=<name>`. Each `ray start` runs in a session of its own, so the
+stop finds exactly the processes it started, by PID, and never calls `ray stop` (which would
+stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from deployer.errors import RackserveError
 
 HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"
@@ -34,7 +36,7 @@ MAX_TEMP_DIR_CHARS = 40
 
 @dataclass(frozen=True)
 class RayNode:
-    """One `ray start --block` process of the test cluster."""
+    """One `ray start --block` process of the local cluster."""
 
     name: str
     ip: str
@@ -45,7 +47,7 @@ class RayNode:
 
 @dataclass(frozen=True)
 class RayCluster:
-    """The running test cluster: its GCS and Ray Client addresses and its nodes, head first."""
+    """The running local cluster: its GCS and Ray Client addresses and its nodes, head first."""
 
     address: str
     client_address: str
@@ -63,11 +65,15 @@ def _free_port(ip: str) -> int:
         return int(sock.getsockname()[1])
 
 
+class LocalRayError(RackserveError):
+    """A local Ray node could not be started."""
+
+
 def _ray_executable() -> str:
     beside = Path(sys.executable).with_name("ray")
     found = str(beside) if beside.exists() else shutil.which("ray")
     if found is None:
-        pytest.skip("the `ray` command is not installed (pip install -e '.[serve]')")
+        raise LocalRayError("the `ray` command is not installed (pip install -e '.[serve]')")
     return found
 
 
@@ -135,7 +141,7 @@ def _wait_started(node: RayNode, deadline: float) -> None:
             break
         time.sleep(0.2)
     tail = node.log.read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"`ray start` for node {node.name} ({node.ip}) did not start:\n{tail}")
+    raise LocalRayError(f"`ray start` for node {node.name} ({node.ip}) did not start:\n{tail}")
 
 
 def _wait_nodes_alive(address: str, count: int, env: dict[str, str], timeout_s: float) -> None:
@@ -195,29 +201,21 @@ def start_ray_cluster(
             _stop(node)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """A two-node Ray cluster on this machine for the whole test session.
+@contextlib.contextmanager
+def temp_root(prefix: str = "rs-") -> Iterator[Path]:
+    """A fresh directory for local Ray nodes' temp dirs, removed afterwards.
 
-    Temp dirs go under $RAY_TEMP_DIR when set, else under pytest's temp dir; a path too long
-    for Ray's Unix sockets falls back to a short directory in /tmp, removed afterwards.
+    Under $RAY_TEMP_DIR when set (rackserve honours it wherever it starts Ray), else under
+    /tmp; kept short, since Ray's Unix socket paths must fit in 107 characters.
     """
-    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[serve]')")
     root = os.environ.get("RAY_TEMP_DIR")
     if root:
         Path(root).mkdir(parents=True, exist_ok=True)
-        base = Path(tempfile.mkdtemp(prefix="rs-", dir=root))
-    else:
-        base = tmp_path_factory.mktemp("ray")
-    owned = base if root else None  # pytest cleans its own temp dirs; we clean ours
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=root or "/tmp"))
     if len(str(base)) > MAX_TEMP_DIR_CHARS - len("/worker"):
-        base = Path(tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp"))
-        if owned is not None:
-            shutil.rmtree(owned, ignore_errors=True)
-        owned = base
+        shutil.rmtree(base, ignore_errors=True)
+        base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
-        with start_ray_cluster(base) as cluster:
-            yield cluster
+        yield base
     finally:
-        if owned is not None:
-            shutil.rmtree(owned, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,401 @@
+"""Launch a plan as vLLM engines under Ray Serve: `rackserve deploy`, `status` and `down`.
+
+The side-effect shell around the pure core: connect to Ray, probe, plan, then build one
+`LLMConfig` per model and run it with Ray Serve behind one OpenAI-compatible ingress.
+
+Ray Serve 2.60 hashes an application's arguments into the code version of every deployment in
+it, so one `build_openai_app` application restarts every engine whenever a model is added or
+removed. rackserve therefore runs each engine as an application of its own
+(`build_llm_deployment`, no route) and the ingress (`OpenAiIngress`, the class
+`build_openai_app` uses) as the application `rackserve`, holding a handle to each engine:
+deploying a changed list starts only new or changed engines, stops removed ones, and restarts
+only the ingress (about a second). Engines start in waves (see `deployer.serve_config`): Ray's
+first-fit then reproduces the plan, and two engines never start on one GPU at once. What was
+deployed is kept in Ray's internal key-value store, so deploying the same models again
+changes nothing.
+
+Ray is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from deployer.cluster import MIB, Cluster, Gpu, Node
+from deployer.errors import ExitCode, RackserveError
+from deployer.models_config import ModelManager
+from deployer.placement import DEFAULT_RESERVE_GIB, Plan
+from deployer.probe import connect, probe_cluster
+from deployer.render import print_plan
+from deployer.serve_config import APP_NAME, EngineSpec, engine_specs, route_prefix, waves
+from deployer.workflow import estimate_models, plan_models
+
+KV_NAMESPACE = "rackserve"
+KV_KEY = b"deployment"
+DEFAULT_HTTP_HOST = "0.0.0.0"
+DEFAULT_HTTP_PORT = 8000
+
+
+class LaunchError(RackserveError):
+    """Ray Serve could not start or update the application."""
+
+
+class UnplacedError(RackserveError):
+    """Some model does not fit; nothing was launched."""
+
+    exit_code = ExitCode.UNPLACED
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployOptions:
+    """What `rackserve deploy` was asked."""
+
+    address: str = "auto"
+    plan_only: bool = False
+    allow_partial: bool = False
+    reserve_gib: float = DEFAULT_RESERVE_GIB
+    http_host: str = DEFAULT_HTTP_HOST
+    http_port: int = DEFAULT_HTTP_PORT
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployed:
+    """What rackserve deployed last: the models (as given), the placements, each engine's config."""
+
+    models: list[dict[str, Any]]
+    placements: list[dict[str, Any]]
+    engines: dict[str, dict[str, Any]]
+
+    def to_bytes(self) -> bytes:
+        """JSON, for the key-value store."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> Deployed | None:
+        """Read back what `to_bytes` wrote; None for nothing."""
+        if not data:
+            return None
+        document = json.loads(data)
+        return cls(
+            models=document["models"],
+            placements=document["placements"],
+            engines=document.get("engines", {}),
+        )
+
+
+def _models_document(models: ModelManager) -> list[dict[str, Any]]:
+    return [m.model_dump(mode="json") for m in models]
+
+
+def _read_deployed() -> Deployed | None:
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
+    return Deployed.from_bytes(value if isinstance(value, bytes) else None)
+
+
+def _write_deployed(deployed: Deployed | None) -> None:
+    from ray.experimental import internal_kv
+
+    if deployed is None:
+        internal_kv._internal_kv_del(KV_KEY, namespace=KV_NAMESPACE)
+    else:
+        internal_kv._internal_kv_put(KV_KEY, deployed.to_bytes(), namespace=KV_NAMESPACE)
+
+
+def with_own_memory_freed(cluster: Cluster, deployed: Deployed | None) -> Cluster:
+    """The cluster as if rackserve's running engines were not there.
+
+    Re-planning against memory that our own engines hold would move them; adding their booked
+    memory back makes the planner see what it saw when it placed them.
+    """
+    if deployed is None:
+        return cluster
+    held: dict[tuple[str, int | None], int] = {}
+    for p in deployed.placements:
+        booked = round((p["gpu_memory_gib"] + p.get("extra_kv_gib", 0.0)) * 1024) * MIB
+        for index in p["gpus"] or [None]:
+            key = (p["node"], index)
+            held[key] = held.get(key, 0) + booked
+    nodes = []
+    for node in cluster.nodes:
+        gpus = [
+            Gpu.model_validate(
+                gpu.model_dump()
+                | {
+                    "memory_free_mib": min(
+                        gpu.memory_total_mib,
+                        gpu.memory_free_mib + held.get((node.name, gpu.index), 0) // MIB,
+                    )
+                }
+            )
+            for gpu in node.gpus
+        ]
+        cpu = node.cpu_memory_mib
+        if cpu is not None and not node.gpus:
+            cpu += held.get((node.name, None), 0) // MIB
+        nodes.append(Node.model_validate(node.model_dump() | {"gpus": gpus, "cpu_memory_mib": cpu}))
+    return Cluster(nodes=nodes)
+
+
+def model_app_name(model_id: str) -> str:
+    """The Serve application that runs one model's engine."""
+    return f"{APP_NAME}-model:{model_id}"
+
+
+def deployment_name(model_id: str) -> str:
+    """The engine's deployment name, as `build_llm_deployment` gives it."""
+    return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")
+
+
+def _quiet_builders() -> None:
+    for name in ("ray.serve", "ray.llm"):  # the builders log every option at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _engine_application(spec: EngineSpec) -> Any:
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    return build_llm_deployment(LLMConfig(**spec.llm_config))
+
+
+def _ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
+    """`OpenAiIngress` over handles to the engines' applications, as `build_openai_app` does."""
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import LLMConfig
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+    configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
+    options = OpenAiIngress.get_deployment_options(configs)
+    if cpu_only:  # keep two models within 2-CPU nodes (../shared/notes/cpu-stack.md)
+        options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
+    handles = {
+        c.model_id: serve.get_deployment_handle(
+            deployment_name(c.model_id), app_name=model_app_name(c.model_id)
+        )
+        for c in configs
+    }
+    cards = {c.model_id: to_model_metadata(c.model_id, c) for c in configs}
+    deployment: Any = serve.deployment(make_fastapi_ingress(OpenAiIngress), **options)
+    return deployment.bind(llm_deployments=handles, model_cards=cards)
+
+
+def _start_engines(specs: Sequence[EngineSpec], say: Callable[[str], None]) -> None:
+    """Start the engines wave after wave; each wave's applications start together."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    grouped = waves(specs)
+    for number, wave in enumerate(grouped, start=1):
+        names = ", ".join(f"{s.model_id}@{s.node}" for s in wave)
+        say(f"wave {number}/{len(grouped)}: starting {names}")
+        targets = [
+            RunTarget(_engine_application(s), name=model_app_name(s.model_id), route_prefix=None)
+            for s in wave
+        ]
+        try:
+            serve.run_many(targets, wait_for_applications_running=True)
+        except Exception as exc:  # Serve reports deploy failures as RuntimeError and kin
+            raise LaunchError(
+                f"Ray Serve could not start {names}: {str(exc).splitlines()[0]}. "
+                "See `rackserve status` and the replica logs in the Ray session's logs/serve/"
+            ) from None
+
+
+def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Plan | None:
+    """Probe, estimate, plan, print the plan, then launch it (unless plan_only).
+
+    Returns the plan, or None when the same models are already deployed (nothing changes).
+
+    Raises ConfigError on bad input and UnplacedError when some model does not fit and
+    partial deployments were not allowed; in both cases nothing is launched or changed.
+    """
+    import ray
+    from ray import serve
+
+    estimates = estimate_models(models)  # bad input fails here, before Ray is even reached
+    prefix = route_prefix(models.list())
+    connect(options.address)
+    try:
+        deployed = _read_deployed()
+        running = APP_NAME in serve.status().applications
+        document = _models_document(models)
+        if deployed is not None and deployed.models == document and running:
+            console.print("nothing to change: these models are deployed as planned")
+            return None
+        cluster = probe_cluster(options.address)
+        pinned = _keep_unchanged_on_their_nodes(models, deployed if running else None)
+        plan = plan_models(
+            with_own_memory_freed(cluster, deployed if running else None),
+            pinned,
+            estimates,
+            options.reserve_gib,
+        )
+        print_plan(console, plan)
+        if options.plan_only:
+            return plan
+        if plan.unplaced and not options.allow_partial:
+            raise UnplacedError(
+                f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
+                "launched. Pass --allow-partial to launch the others."
+            )
+        specs = engine_specs(plan, models, cluster)
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": options.http_host, "port": options.http_port},
+        )
+        _quiet_builders()
+        applications = serve.status().applications
+        running_engines = {
+            model_id
+            for model_id in (deployed.engines if deployed else {})
+            if model_app_name(model_id) in applications
+        }
+        changed = [
+            s
+            for s in specs
+            if s.model_id not in running_engines
+            or deployed is None
+            or deployed.engines.get(s.model_id) != s.llm_config
+        ]
+        kept = [s.model_id for s in specs if s not in changed]
+        removed = sorted(set(deployed.engines if deployed else {}) - {s.model_id for s in specs})
+        for model_id in removed + [s.model_id for s in changed if s.model_id in running_engines]:
+            console.print(f"stopping {model_id}")
+            serve.delete(model_app_name(model_id))
+        if kept:
+            console.print(f"unchanged, left running: {', '.join(kept)}")
+        _start_engines(changed, console.print)
+        serve.run(
+            _ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix
+        )
+        _write_deployed(
+            Deployed(
+                models=document,
+                placements=[p.as_json() for p in plan.placements],
+                engines={s.model_id: dict(s.llm_config) for s in specs},
+            )
+        )
+        console.print(
+            f"deployed {len(specs)} model(s) as application {APP_NAME!r} at "
+            f"http://{options.http_host}:{options.http_port}{prefix.rstrip('/')}/v1"
+        )
+        return plan
+    finally:
+        ray.shutdown()
+
+
+def _keep_unchanged_on_their_nodes(models: ModelManager, deployed: Deployed | None) -> ModelManager:
+    """Pin each model that is running unchanged to the node it runs on, so it stays there."""
+    if deployed is None:
+        return models
+    before = {m["model_id"]: m for m in deployed.models}
+    nodes = {p["model_id"]: p["node"] for p in deployed.placements}
+    kept = ModelManager()
+    for model in models:
+        same = before.get(model.model_id) == model.model_dump(mode="json")
+        if same and model.node is None and model.model_id in nodes:
+            model = model.model_copy(update={"node": nodes[model.model_id]})  # noqa: PLW2901
+        kept.add(model)
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """One model as `rackserve status` shows it."""
+
+    model_id: str
+    node: str
+    gpus: tuple[int, ...]
+    state: str
+    healthy: bool
+    message: str
+
+
+def model_statuses(address: str) -> list[ModelStatus]:
+    """Each deployed model's node, GPUs, Serve state and health."""
+    import ray
+    from ray import serve
+
+    connect(address)
+    try:
+        deployed = _read_deployed()
+        applications = serve.status().applications
+        if deployed is None or APP_NAME not in applications:
+            return []
+        statuses = []
+        for placement in deployed.placements:
+            model_id = placement["model_id"]
+            app = applications.get(model_app_name(model_id))
+            deployment = app.deployments.get(deployment_name(model_id)) if app else None
+            state = deployment.status.value if deployment else "MISSING"
+            statuses.append(
+                ModelStatus(
+                    model_id=model_id,
+                    node=placement["node"],
+                    gpus=tuple(placement["gpus"]),
+                    state=state,
+                    healthy=state == "HEALTHY",
+                    message=(deployment.message if deployment else "not in the application"),
+                )
+            )
+        return statuses
+    finally:
+        ray.shutdown()
+
+
+def status_table(statuses: Sequence[ModelStatus]) -> Table:
+    """One row per deployed model."""
+    table = Table(title=f"Application {APP_NAME!r}", title_justify="left")
+    for column in ("model", "node", "GPUs", "state", "healthy", "message"):
+        table.add_column(column)
+    for s in statuses:
+        table.add_row(
+            s.model_id,
+            s.node,
+            ",".join(map(str, s.gpus)) or "-",
+            s.state,
+            "yes" if s.healthy else "[bold red]no[/]",
+            s.message,
+        )
+    return table
+
+
+def show_status(address: str, console: Console) -> bool:
+    """Print the status table; True when every model is healthy."""
+    statuses = model_statuses(address)
+    if not statuses:
+        console.print(f"no {APP_NAME!r} application is deployed")
+        return True
+    console.print(status_table(statuses))
+    return all(s.healthy for s in statuses)
+
+
+def down(address: str, console: Console) -> None:
+    """Remove the application and what rackserve remembered of it."""
+    import ray
+    from ray import serve
+
+    connect(address)
+    try:
+        ours = [
+            name
+            for name in serve.status().applications
+            if name == APP_NAME or name.startswith(model_app_name(""))
+        ]
+        for name in ours:  # the ingress first, so no request reaches a stopping engine
+            serve.delete(name)
+        console.print(
+            f"removed {', '.join(ours)}" if ours else f"no {APP_NAME!r} application is deployed"
+        )
+        _write_deployed(None)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,194 @@
+"""End to end: rackserve deploys two tiny models on a real two-node Ray cluster and they answer.
+
+Real Ray, real Ray Serve LLM, real vLLM (CPU build), real HTTP on loopback. The deployment
+grows from one model to two (the first is not restarted), is deployed again unchanged (nothing
+happens), refuses bad input and an unplaceable model without touching what runs, reports its
+status, and is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer.local_ray import HEAD_IP, RayCluster
+from deployer.quickstart import ENGINE, http_json
+
+pytestmark = pytest.mark.e2e
+
+pytest.importorskip("vllm", reason="vLLM is not installed (nox -s tests installs the CPU build)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HEAD_IP, 0))
+        return int(sock.getsockname()[1])
+
+
+def rackserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deployer", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from deployer.tiny_models import build_tiny_model  # noqa: PLC0415 - needs torch
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        name: build_tiny_model(root / name, seed=seed)
+        for seed, name in enumerate(("tiny-a", "tiny-b"), 1)
+    }
+
+
+def models_file(path: Path, entries: list[dict[str, Any]]) -> str:
+    path.write_text(json.dumps({"models": entries}))
+    return str(path)
+
+
+def entry(model_id: str, source: Path, node: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "model_source": str(source),
+        "node": node,
+        **ENGINE,
+        "engine_kwargs": {"enforce_eager": True},
+        **extra,
+    }
+
+
+def replica_start_times(address: str) -> dict[str, float]:
+    """Each engine's replica start time, by model application, from Serve's own details."""
+    script = (
+        "import json, sys, ray\n"
+        "from ray.serve.context import _get_global_client\n"
+        "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+        "details = _get_global_client().get_serve_details()\n"
+        "print(json.dumps({name: [r['start_time_s'] for d in app['deployments'].values()"
+        " for r in d['replicas']] for name, app in details['applications'].items()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, address], capture_output=True, text=True, check=True
+    )
+    return {
+        name: times[0]
+        for name, times in json.loads(out.stdout.strip().splitlines()[-1]).items()
+        if times
+    }
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster: RayCluster) -> Iterator[str]:
+    port = free_port()
+    yield f"http://{HEAD_IP}:{port}"
+    rackserve("down", "--address", ray_cluster.address)
+
+
+def test_deploy_grow_redeploy_refuse_status_down(
+    ray_cluster: RayCluster, models: dict[str, Path], endpoint: str, tmp_path: Path
+) -> None:
+    address = ray_cluster.address
+    port = endpoint.rsplit(":", 1)[1]
+    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", port]
+    one = [entry("tiny-a", models["tiny-a"], "head")]
+    two = [*one, entry("tiny-b", models["tiny-b"], "worker")]
+
+    first = rackserve("deploy", "--models", models_file(tmp_path / "one.json", one), *common)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "wave 1/1: starting tiny-a@head" in first.stdout
+    started = replica_start_times(address)["rackserve-model:tiny-a"]
+
+    grown = rackserve("deploy", "--models", models_file(tmp_path / "two.json", two), *common)
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+    assert "unchanged, left running: tiny-a" in grown.stdout
+    assert replica_start_times(address)["rackserve-model:tiny-a"] == started, "tiny-a restarted"
+
+    listed = http_json(f"{endpoint}/v1/models")
+    assert sorted(m["id"] for m in listed["data"]) == ["tiny-a", "tiny-b"]
+
+    for model_id in ("tiny-a", "tiny-b"):
+        chat = http_json(
+            f"{endpoint}/v1/chat/completions",
+            {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+        )
+        assert chat["model"] == model_id
+        assert chat["usage"]["completion_tokens"] == 8
+        assert isinstance(chat["choices"][0]["message"]["content"], str)
+        completion = http_json(
+            f"{endpoint}/v1/completions", {"model": model_id, "prompt": "def f(", "max_tokens": 8}
+        )
+        assert completion["usage"]["completion_tokens"] == 8
+        assert completion["choices"][0]["text"]
+        # streaming: server-sent events, one chunk per token, then [DONE]
+        request = urllib.request.Request(
+            f"{endpoint}/v1/chat/completions",
+            data=json.dumps(
+                {
+                    "model": model_id,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 8,
+                    "stream": True,
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            events = [line.decode().strip() for line in response if line.strip()]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert all(c["model"] == model_id for c in chunks)
+        assert (
+            sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")) >= 1
+        )
+
+    again = rackserve("deploy", "--models", models_file(tmp_path / "two-again.json", two), *common)
+    assert again.returncode == 0
+    assert "nothing to change" in again.stdout
+
+    bad = rackserve(
+        "deploy",
+        "--models",
+        models_file(tmp_path / "bad.json", [{**two[0], "tensor_parallel_size": 0}]),
+        *common,
+    )
+    assert bad.returncode == 2
+    assert "models[0] (id 'tiny-a'): tensor_parallel_size" in bad.stderr
+    huge = rackserve(
+        "deploy",
+        "--models",
+        models_file(tmp_path / "huge.json", [*two, {"model_id": "huge", "gpu_memory_gib": 4096}]),
+        *common,
+    )
+    assert huge.returncode == 3, huge.stdout + huge.stderr
+    assert "nothing was launched" in huge.stderr
+    assert sorted(m["id"] for m in http_json(f"{endpoint}/v1/models")["data"]) == [
+        "tiny-a",
+        "tiny-b",
+    ]
+
+    status = rackserve("status", "--address", address)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for line in ("tiny-a", "tiny-b"):
+        row = next(r for r in status.stdout.splitlines() if line in r)
+        assert "HEALTHY" in row
+    assert "head" in next(r for r in status.stdout.splitlines() if "tiny-a" in r)
+    assert "worker" in next(r for r in status.stdout.splitlines() if "tiny-b" in r)
+
+    removed = rackserve("down", "--address", address)
+    assert removed.returncode == 0
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        http_json(f"{endpoint}/v1/models", timeout=10)
