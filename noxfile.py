@@ -17,10 +17,11 @@ PY_PATHS = ["deployer", "tests", "benchmarks", "noxfile.py"]
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """Ruff (lint and format check) on the Python sources."""
+    """Ruff (lint and format check) on the Python sources; ansible-lint (production profile)."""
     session.install("-e", ".[lint]")
     session.run("ruff", "check", *PY_PATHS)
     session.run("ruff", "format", "--check", *PY_PATHS)
+    session.run("ansible-lint", "--offline", "--profile", "production")
 
 
 @nox.session(python=PYTHON)
@@ -51,7 +52,7 @@ def install_serve_stack(session: nox.Session, *extras: str) -> None:
 @nox.session(python=PYTHON, venv_backend="virtualenv")
 def tests(session: nox.Session) -> None:
     """Pytest: unit, integration (real Ray) and end-to-end (real vLLM on CPU) tests."""
-    install_serve_stack(session, "test")
+    install_serve_stack(session, "test", "bootstrap")
     session.run("pytest", *(session.posargs or ["tests"]))
 
 
@@ -63,10 +64,23 @@ def quickstart(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
-def bench(session: nox.Session) -> None:
-    """Benchmarks (not timed tests): placement quality and speed; figures go in the README."""
+def bench_placement(session: nox.Session) -> None:
+    """Placement quality (against CP-SAT and a lower bound) and speed at rack scale."""
     session.install("-e", ".[bench]")
     session.run("python", "benchmarks/placement.py", *session.posargs)
+
+
+@nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
+def bench_serving(session: nox.Session) -> None:
+    """Deploy time and throughput against hand-written Ray Serve LLM and plain vLLM."""
+    install_serve_stack(session)
+    session.run("python", "benchmarks/serving.py", *session.posargs)
+
+
+@nox.session(venv_backend="none", default=False, requires=["bench_placement", "bench_serving"])
+def bench(session: nox.Session) -> None:
+    """All benchmarks (not timed tests); their figures go in the README."""
+    session.log("benchmarks done: bench_placement and bench_serving above")
 
 
 @nox.session(python=PYTHON, default=False)

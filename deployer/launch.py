@@ -240,6 +240,8 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
             options.reserve_gib,
         )
         print_plan(console, plan)
+        if plan.unplaced and options.plan_only:
+            raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
         if options.plan_only:
             return plan
         if plan.unplaced and not options.allow_partial:
