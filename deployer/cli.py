@@ -186,6 +186,35 @@ def down(address: AddressOption = "auto") -> None:
     run_down(address, console)
 
 
+@app.command()
+def bootstrap(
+    inventory: Annotated[
+        Path, typer.Option("--inventory", "-i", help="The rack's inventory (hosts.yml).")
+    ],
+    playbook: Annotated[
+        str, typer.Option("--playbook", "-p", help="site (bootstrap) or reset (tear down).")
+    ] = "site",
+    limit: Annotated[
+        str | None, typer.Option("--limit", "-l", help="Only these hosts or groups.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Report what would change; change nothing.")
+    ] = False,
+    extra_vars: Annotated[
+        list[str] | None,
+        typer.Option("--extra-vars", "-e", help="KEY=VALUE (YAML value) or @FILE; repeatable."),
+    ] = None,
+) -> None:
+    """Bootstrap the rack with Ansible (playbooks/site.yml) and show live progress."""
+    from deployer.bootstrap import parse_extravars, run_playbook  # noqa: PLC0415 - ansible
+
+    result = run_playbook(
+        inventory, playbook, parse_extravars(extra_vars or []), limit, check, console
+    )
+    if not result.ok:
+        raise typer.Exit(ExitCode.FAILURE)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; expected errors print one message and exit with their code.
 
