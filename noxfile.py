@@ -63,6 +63,14 @@ def quickstart(session: nox.Session) -> None:
     session.run("python", "-m", "deployer.quickstart", *session.posargs)
 
 
+@nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
+def demo(session: nox.Session) -> None:
+    """The README's first command (root): a rack-in-a-box of 3 hosts bootstrapped by
+    `rackserve bootstrap`, serving two tiny models; `-- --keep` leaves it running."""
+    install_serve_stack(session, "bootstrap")  # torch & co. build the tiny models
+    session.run("python", "-m", "deployer.demo", *session.posargs)
+
+
 @nox.session(python=PYTHON, default=False)
 def bench_placement(session: nox.Session) -> None:
     """Placement quality (against CP-SAT and a lower bound) and speed at rack scale."""
@@ -77,10 +85,21 @@ def bench_serving(session: nox.Session) -> None:
     session.run("python", "benchmarks/serving.py", *session.posargs)
 
 
-@nox.session(venv_backend="none", default=False, requires=["bench_placement", "bench_serving"])
+@nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
+def bench_bootstrap(session: nox.Session) -> None:
+    """Bootstrap wall times on the rack-in-a-box (root): 3-host and 1-host converges, no-op run."""
+    session.install("-e", ".[bootstrap]")  # pip (virtualenv) builds the hosts' wheelhouse
+    session.run("python", "benchmarks/bootstrap.py", *session.posargs)
+
+
+@nox.session(
+    venv_backend="none",
+    default=False,
+    requires=["bench_placement", "bench_serving", "bench_bootstrap"],
+)
 def bench(session: nox.Session) -> None:
     """All benchmarks (not timed tests); their figures go in the README."""
-    session.log("benchmarks done: bench_placement and bench_serving above")
+    session.log("benchmarks done: bench_placement, bench_serving and bench_bootstrap above")
 
 
 @nox.session(python=PYTHON, default=False)

@@ -64,6 +64,21 @@ def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 120
         return json.loads(response.read())
 
 
+def deploy_args(models_file: Path, address: str, port: int) -> list[str]:
+    """`rackserve deploy` arguments for the local cluster, the endpoint on the head's address."""
+    return [
+        "deploy",
+        "--models",
+        str(models_file),
+        "--address",
+        address,
+        "--http-host",
+        HEAD_IP,
+        "--http-port",
+        str(port),
+    ]
+
+
 def rackserve(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real command line, as a user would."""
     return subprocess.run(
@@ -104,17 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Ray head {cluster.address}, nodes {', '.join(cluster.node_names)}", flush=True)
         models_file = args.cache / "quickstart-models.json"
         models_file.write_text(json.dumps(models_config(sources, cluster.node_names), indent=2))
-        rackserve(
-            "deploy",
-            "--models",
-            str(models_file),
-            "--address",
-            cluster.address,
-            "--http-host",
-            HEAD_IP,
-            "--http-port",
-            str(args.port),
-        )
+        rackserve(*deploy_args(models_file, cluster.address, args.port))
         base_url = f"http://{HEAD_IP}:{args.port}"
         print(f"\nGET {base_url}/v1/models", flush=True)
         with urllib.request.urlopen(f"{base_url}/v1/models", timeout=30) as response:
