@@ -141,7 +141,7 @@ class MemoryEstimate:
         }
 
 
-def model_dtype_bytes(model: ModelConfig, arch: Architecture) -> int:
+def model_dtype_bytes(model: ModelConfig) -> int:
     """Bytes per element of the dtype vLLM runs the model in."""
     if model.dtype != "auto":
         return _DTYPE_BYTES[model.dtype]
@@ -149,18 +149,18 @@ def model_dtype_bytes(model: ModelConfig, arch: Architecture) -> int:
     return 2
 
 
-def kv_dtype_bytes(model: ModelConfig, arch: Architecture) -> int:
+def kv_dtype_bytes(model: ModelConfig) -> int:
     """Bytes per KV cache element."""
     if model.kv_cache_dtype.startswith("fp8"):
         return 1
     if model.kv_cache_dtype in _DTYPE_BYTES:
         return _DTYPE_BYTES[model.kv_cache_dtype]
-    return model_dtype_bytes(model, arch)
+    return model_dtype_bytes(model)
 
 
 def kv_cache_bytes_per_token(model: ModelConfig, arch: Architecture, tp: int) -> int:
     """KV cache bytes one token takes on one GPU (one tensor-parallel rank)."""
-    element = kv_dtype_bytes(model, arch)
+    element = kv_dtype_bytes(model)
     if arch.is_mla:
         assert arch.kv_lora_rank is not None
         return arch.num_layers * (arch.kv_lora_rank + arch.qk_rope_head_dim) * element
@@ -202,7 +202,7 @@ def weights_bytes(
     model: ModelConfig, arch: Architecture, checkpoint: CheckpointSize | None
 ) -> tuple[int, str]:
     """Total weight bytes vLLM loads (all ranks together), and where the figure came from."""
-    dtype_bytes = model_dtype_bytes(model, arch)
+    dtype_bytes = model_dtype_bytes(model)
     quantized = (model.quantization or arch.quant_method) is not None
     if checkpoint is not None and (model.quantization is None or arch.quant_method is not None):
         total = 0
