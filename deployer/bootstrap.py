@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deployer.errors import ConfigError, RackserveError
@@ -112,10 +113,12 @@ class _Progress:
         data = event.get("event_data", {})
         if kind == "playbook_on_play_start":
             self.play = str(data.get("play", ""))
-            self.console.print(f"[bold]PLAY[/] {self.play}", highlight=False)
+            self.console.print(f"[bold]PLAY[/] {escape(self.play)}", highlight=False)
         elif kind == "playbook_on_task_start":
             self.task = str(data.get("task", ""))
-            self.console.print(f"  [dim]{self._line()}[/] {self.task}", highlight=False)
+            self.console.print(
+                f"  [dim]{escape(self._line())}[/] {escape(self.task)}", highlight=False
+            )
         elif kind.startswith("runner_on_") and "host" in data:
             self._host_event(kind, data)
         return True
@@ -152,14 +155,14 @@ class _Progress:
     def _show_debug(self, host: str, message: object) -> None:
         lines = message if isinstance(message, list) else str(message).splitlines()
         for line in lines:
-            self.console.print(f"    {host} | {line}", highlight=False, soft_wrap=True)
+            self.console.print(f"    {host} | {escape(str(line))}", highlight=False, soft_wrap=True)
 
     def _fail(self, host: str, result: Mapping[str, Any]) -> None:
         message = str(result.get("msg") or result.get("stderr") or result.get("stdout") or "")
         failure = Failure(host, self.task, message.strip().splitlines()[0] if message else "")
         self.failures.append(failure)
         self.console.print(
-            f"    [bold red]FAILED[/] {host} | {self.task}: {failure.message}",
+            f"    [bold red]FAILED[/] {host} | {escape(self.task)}: {escape(failure.message)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -249,7 +252,8 @@ def run_playbook(
     console.print(summary_table(result))
     for failure in result.failures:
         console.print(
-            f"[bold red]failed:[/] {failure.host}: task '{failure.task}': {failure.message}",
+            f"[bold red]failed:[/] {failure.host}: task '{escape(failure.task)}': "
+            f"{escape(failure.message)}",
             highlight=False,
             soft_wrap=True,
         )

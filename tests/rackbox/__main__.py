@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $RACKSERVE_WHEELHOUSE, else an empty directory)",
     )
     up.add_argument(
+        "--bind-ro",
+        action="append",
+        default=[],
+        metavar="DIR:PATH",
+        help="mount this machine's DIR read-only at PATH in every host (repeatable)",
+    )
+    up.add_argument(
         "--keep",
         action="store_true",
         help="return once up and leave it running (else wait for "
@@ -87,6 +94,13 @@ def _up(args: argparse.Namespace, rack: Rack) -> int:
     return 0
 
 
+def _bind(pair: str) -> tuple[str, str]:
+    source, sep, target = pair.rpartition(":")
+    if not sep or not source:
+        raise ValueError(f"--bind-ro {pair!r}: expected DIR:PATH")
+    return source, target
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return the exit code (see the parser's epilog)."""
     parser = _parser()
@@ -112,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=cache_dir,
             wheelhouse=args.wheelhouse,
             boot_timeout_s=args.boot_timeout,
+            binds=dict(_bind(pair) for pair in args.bind_ro),
         )
         return _up(args, rack)
     except ValueError as exc:  # a bad --name-prefix, --hosts or --network

