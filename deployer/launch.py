@@ -226,7 +226,8 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
     connect(options.address)
     try:
         deployed = _read_deployed()
-        running = APP_NAME in serve.status().applications
+        applications = serve.status().applications
+        running = APP_NAME in applications
         document = _models_document(models)
         if deployed is not None and deployed.models == document and running:
             console.print("nothing to change: these models are deployed as planned")
@@ -255,7 +256,6 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
             http_options={"host": options.http_host, "port": options.http_port},
         )
         _quiet_builders()
-        applications = serve.status().applications
         running_engines = {
             model_id
             for model_id in (deployed.engines if deployed else {})

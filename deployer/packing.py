@@ -246,8 +246,8 @@ def _empty_least_filled(state: _State, items: Sequence[PackItem]) -> None:
                 state.add_shared(key, items[index].units[key[0]], index)
 
 
-def _to_packing(state: _State, proven: bool = False) -> Packing:
-    return _summarize(state.places, state.nodes, proven)
+def _to_packing(state: _State) -> Packing:
+    return _summarize(state.places, state.nodes, proven=False)
 
 
 def _summarize(
