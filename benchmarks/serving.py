@@ -140,6 +140,32 @@ def throughput(
     return statistics.median(rates)
 
 
+def plain_vllm_throughput(args: argparse.Namespace, model: Path, env: dict[str, str]) -> float:
+    """Throughput of `vllm serve MODEL` with the quickstart's engine settings, plus `env`."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", **env)
+    url = f"http://{HEAD_IP}:8002"
+    with (args.cache / "vllm-serve.log").open("w") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable, "-c", VLLM_SERVE, str(model),
+                "--served-model-name", "tiny-a",
+                "--host", HEAD_IP, "--port", "8002",
+                "--dtype", "bfloat16",
+                "--max-model-len", str(ENGINE["max_model_len"]),
+                "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+                "--enforce-eager",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_answering(url, ["tiny-a"], server=server)
+            return throughput(url, "tiny-a", args.concurrency, args.requests, args.tokens)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+
+
 def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, text=True, stdin=subprocess.DEVNULL, **kwargs)
 
@@ -184,43 +210,13 @@ def main() -> None:
         wait_answering(url, list(sources))
         results["hand_deploy_s"] = time.monotonic() - start
         print(f"measured hand-written: {results['hand_deploy_s']:.1f} s", flush=True)
-    # Ray is stopped: plain vLLM gets the machine to itself, as `vllm serve` would.
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    with (args.cache / "vllm-serve.log").open("w") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                VLLM_SERVE,
-                str(sources["tiny-a"]),
-                "--served-model-name",
-                "tiny-a",
-                "--host",
-                HEAD_IP,
-                "--port",
-                "8002",
-                "--dtype",
-                "bfloat16",
-                "--max-model-len",
-                str(ENGINE["max_model_len"]),
-                "--max-num-seqs",
-                str(ENGINE["max_num_seqs"]),
-                "--enforce-eager",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            wait_answering(f"http://{HEAD_IP}:8002", ["tiny-a"], server=server)
-            results["vllm_tok_s"] = throughput(
-                f"http://{HEAD_IP}:8002", "tiny-a", args.concurrency, args.requests, args.tokens
-            )
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            server.wait(60)
+    # Ray is stopped: plain vLLM gets the machine to itself, as `vllm serve` would. Under Ray
+    # the engine's actor holds one CPU and Ray sets OMP_NUM_THREADS=1 for it; plain vLLM is
+    # measured both that way and with its own default (all cores), so that the ratio compares
+    # like with like and the thread count's effect shows.
+    for label, threads in (("vllm_tok_s_1thread", {"OMP_NUM_THREADS": "1"}), ("vllm_tok_s", {})):
+        results[label] = plain_vllm_throughput(args, sources["tiny-a"], threads)
+        print(f"measured plain vLLM {threads or 'default threads'}: {results[label]:.0f} tok/s")
 
     print("(a) time from deploy to both models answering (2 tiny models, 2 local Ray nodes)")
     print(f"    rackserve deploy        {results['rackserve_deploy_s']:6.1f} s")
@@ -232,8 +228,10 @@ def main() -> None:
         f"{args.requests} requests x {args.tokens} tokens, median of 3 rounds"
     )
     print(f"    rackserve application   {results['rackserve_tok_s']:7.0f} tok/s")
-    print(f"    plain vllm serve        {results['vllm_tok_s']:7.0f} tok/s")
-    print(f"    ratio rackserve/vllm    {results['rackserve_tok_s'] / results['vllm_tok_s']:7.2f}")
+    one_thread, default = results["vllm_tok_s_1thread"], results["vllm_tok_s"]
+    print(f"    plain vllm serve, 1 thread  {one_thread:7.0f} tok/s (as Ray runs the engine)")
+    print(f"    plain vllm serve, default   {default:7.0f} tok/s (OMP threads = all cores)")
+    print(f"    ratio rackserve/vllm (1 thread) {results['rackserve_tok_s'] / one_thread:7.2f}")
 
 
 if __name__ == "__main__":
