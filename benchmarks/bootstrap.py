@@ -33,7 +33,7 @@ from rich.console import Console
 
 from deployer.bootstrap import run_playbook
 from tests.rackbox import Rack, check_machine
-from tests.rackbox.cluster import RAY_VARS, wait_for_alive_nodes
+from tests.rackbox.cluster import RAY_VARS, SITE_DEBS, wait_for_alive_nodes
 from tests.rackbox.wheelhouse import ensure_wheelhouse
 
 PREFIX = "rbb"
@@ -58,7 +58,7 @@ def converge(rack: Rack, label: str) -> dict[str, Any]:
 def one_round(wheelhouse: Path, hosts: int, second_run: bool) -> dict[str, Any]:
     """Boot `hosts` fresh hosts, converge (and run again), tear down."""
     rack = Rack(hosts, prefix=PREFIX, network=NETWORK, wheelhouse=wheelhouse,
-                inventory_vars=VARS, replace=True)  # fmt: skip
+                inventory_vars=VARS, prefetch=SITE_DEBS, replace=True)  # fmt: skip
     with rack:
         print(f"  {hosts} host(s) up in {rack.timings['up_s']:.1f} s", flush=True)
         first = converge(rack, f"first converge, {hosts} host(s)")

@@ -46,11 +46,6 @@ NETWORK = "10.231.20.0/24"
 MODELS_MOUNT = "/srv/models"
 HTTP_PORT = 8000
 NEEDS_GIB = 10  # Ray on three hosts, two engines and the ingress
-# vLLM's CPU sampler goes through torch.compile (inductor) even with enforce_eager, which
-# compiles C++ against Python.h at the first request: CPU hosts need g++ and python3-dev. The
-# image carries their .debs in its apt cache and the python_env role installs them offline
-# (python_env_os_packages), as on an air-gapped rack.
-CPU_HOST_PACKAGES = ("python3-venv", "g++", "python3-dev")
 
 
 def demo_vars(models: Sequence[str], nodes: Sequence[str], port: int) -> dict[str, Any]:
@@ -66,7 +61,6 @@ def demo_vars(models: Sequence[str], nodes: Sequence[str], port: int) -> dict[st
         "deploy_models_models": models_config(sources, nodes)["models"],
         "deploy_models_environment": offline,
         "deploy_models_extra_args": ["--http-port", str(port)],
-        "python_env_os_packages": list(CPU_HOST_PACKAGES),
         "ray_head_environment": offline,
         "ray_worker_environment": offline,
     }
@@ -172,7 +166,7 @@ def run(keep: bool, cache: Path, port: int) -> int:
         wheelhouse=house.path,
         binds={models_dir: MODELS_MOUNT},
         inventory_vars=cluster.RAY_VARS,
-        prefetch=CPU_HOST_PACKAGES,
+        prefetch=cluster.SITE_DEBS,
         replace=True,
         keep=True,
         stop_timeout_s=10,  # then the hosts are killed: nothing to drain in a demo

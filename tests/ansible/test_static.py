@@ -335,6 +335,95 @@ def test_worker_unit_waits_for_the_head_and_joins_it() -> None:
     assert entries["TimeoutStartSec"] == ["600"]
 
 
+WORKER_VARS: dict[str, Any] = {
+    "inventory_hostname": "gpu-02",
+    "ansible_facts": FACTS,
+    "rackserve_node_ip": "10.20.0.12",
+    "groups": {"ray_head": ["head-01"], "ray_workers": ["gpu-02"]},
+    "hostvars": {"head-01": {"rackserve_node_ip": "10.20.0.10", "ansible_facts": FACTS}},
+}
+
+
+def _port_numbers(specs: list[str]) -> set[int]:
+    """Ports named as "port" or "low-high"."""
+    numbers: set[int] = set()
+    for spec in specs:
+        low, _, high = spec.partition("-")
+        numbers.update(range(int(low), int(high or low) + 1))
+    return numbers
+
+
+@pytest.mark.parametrize(
+    ("role", "template", "variables"),
+    [
+        ("ray_head", "ray-head.service.j2", HEAD_VARS),
+        ("ray_worker", "ray-worker.service.j2", WORKER_VARS),
+    ],
+)
+def test_firewall_names_every_port_the_unit_gives_ray(
+    role: str, template: str, variables: dict[str, Any]
+) -> None:
+    """A port flag added to a unit without the firewall's list fails here."""
+    entries = unit_entries(render(role, template, variables))
+    found = flags(systemd_words(entries["ExecStart"][0]))
+    given = {int(v) for k, v in found.items() if k.endswith("-port") and "worker-port" not in k}
+    given |= set(range(int(found["--min-worker-port"]), int(found["--max-worker-port"]) + 1))
+    for entry in entries["Environment"]:
+        name, _, value = systemd_words(entry)[0].partition("=")
+        if name.endswith("METRIC_PORT"):
+            given.add(int(value))
+    assert "--ray-client-server-port" in found or role == "ray_worker"
+    firewalled = _port_numbers(evaluate(role, f"{role}_tcp_ports", variables))
+    assert firewalled == given
+
+
+NIC_FACTS = {
+    "interfaces": ["lo", "eno1", "bond0.20", "docker0"],
+    "lo": {"device": "lo", "ipv4": {"address": "127.0.0.1"}},
+    "eno1": {"device": "eno1", "ipv4": {"address": "192.168.7.7"}},
+    "bond0_20": {"device": "bond0.20", "ipv4": {"address": "10.20.0.10"}},
+    "docker0": {"device": "docker0"},
+    "default_ipv4": {"address": "192.168.7.7"},
+}
+
+
+def test_firewall_accepts_the_interface_holding_the_node_ip() -> None:
+    cluster = {"ansible_facts": NIC_FACTS, "ray_firewall_node_ip": "10.20.0.10"}
+    assert evaluate("ray_firewall", "ray_firewall_accept_interfaces", cluster) == ["lo", "bond0.20"]
+    default = {"ansible_facts": NIC_FACTS}  # no rackserve_node_ip: the default IPv4 address
+    assert evaluate("ray_firewall", "ray_firewall_accept_interfaces", default) == ["lo", "eno1"]
+    named = cluster | {"ray_firewall_interfaces": ["ib0", "bond0.20"]}
+    assert evaluate("ray_firewall", "ray_firewall_accept_interfaces", named) == [
+        "lo", "ib0", "bond0.20",
+    ]  # fmt: skip
+    nowhere = {"ansible_facts": NIC_FACTS, "ray_firewall_node_ip": "10.99.0.1"}
+    assert evaluate("ray_firewall", "ray_firewall_accept_interfaces", nowhere) == ["lo"]
+
+
+def test_firewall_rules_and_unit() -> None:
+    variables = {
+        "ansible_facts": NIC_FACTS,
+        "ray_firewall_node_ip": "10.20.0.10",
+        "ray_firewall_tcp_ports": ["6379", "8076", "10002-19999"],
+        "ray_firewall_ray_service": "rackserve-ray-head",
+    }
+    rules = render("ray_firewall", "ray-firewall.nft.j2", variables)
+    # Replaced in one transaction: declare (in case it is missing), delete, define.
+    assert re.findall(r"^(?:delete )?table inet rackserve_ray", rules, flags=re.MULTILINE) == [
+        "table inet rackserve_ray", "delete table inet rackserve_ray", "table inet rackserve_ray",
+    ]  # fmt: skip
+    assert "elements = { 6379, 8076, 10002-19999 }" in rules
+    assert 'iifname { "lo", "bond0.20" } accept\n\t\ttcp dport @ray_tcp_ports counter drop' in rules
+    entries = unit_entries(render("ray_firewall", "ray-firewall.service.j2", variables))
+    assert entries["ExecStart"] == ["/usr/sbin/nft -f /etc/rackserve/ray-firewall.nft"]
+    assert entries["ExecReload"] == entries["ExecStart"]
+    assert entries["ExecStop"] == ["/usr/sbin/nft delete table inet rackserve_ray"]
+    assert "rackserve-ray-head.service" in entries["Before"][0].split()
+    assert entries["After"] == ["nftables.service"]
+    assert entries["PartOf"] == ["nftables.service"]
+    assert entries["RemainAfterExit"] == ["yes"]
+
+
 def test_unit_quoting_survives_spaces_quotes_percent_and_dollar() -> None:
     tricky = [
         '--system-config={"object_spilling_config": "{\\"type\\": \\"fs\\"}"}',
@@ -401,8 +490,25 @@ def test_python_env_interpreter_per_os_family() -> None:
     debian = {"ansible_facts": {"os_family": "Debian"}}
     redhat = {"ansible_facts": {"os_family": "RedHat"}}
     assert evaluate("python_env", "python_env_interpreter", debian) == "/usr/bin/python3"
-    assert evaluate("python_env", "python_env_system_packages", debian) == ["python3-venv"]
     assert evaluate("python_env", "python_env_interpreter", redhat) == "/usr/bin/python3.11"
+
+
+@pytest.mark.parametrize(
+    ("family", "engine", "expected"),
+    [
+        ("Debian", "gpu", ["python3-venv"]),
+        ("Debian", "cpu", ["python3-venv", "g++", "python3-dev"]),
+        ("RedHat", "gpu", ["python3.11"]),
+        ("RedHat", "cpu", ["python3.11", "gcc-c++", "python3.11-devel"]),
+    ],
+)
+def test_python_env_os_packages_per_family_and_engine(
+    family: str, engine: str, expected: list[str]
+) -> None:
+    facts = {"ansible_facts": {"os_family": family}, "python_env_engine": engine}
+    assert evaluate("python_env", "python_env_system_packages", facts) == expected
+    chosen = facts | {"python_env_os_packages": ["python3-venv"]}
+    assert evaluate("python_env", "python_env_system_packages", chosen) == ["python3-venv"]
 
 
 def probe(wanted: dict[str, list[str]]) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import os
+import shlex
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ import yaml
 
 from tests.rack.conftest import skip_or_fail
 from tests.rackbox import Rack, RackError, RackUnavailable, check_machine, rack_status
-from tests.rackbox.cluster import RAY_VARS, wait_for_alive_nodes
+from tests.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
 from tests.rackbox.nspawn import nspawn_argv
 from tests.rackbox.rack import check_binds
 from tests.rackbox.state import HostState
@@ -167,7 +169,7 @@ def site_rack() -> Iterator[Rack]:
     wheelhouse = ensure_wheelhouse()  # needs PyPI the first time; a failure here is a failure
     print(wheelhouse.describe())
     rack = Rack(3, prefix=PREFIX, network=NETWORK, wheelhouse=wheelhouse.path,
-                inventory_vars=SITE_VARS, replace=True)  # fmt: skip
+                inventory_vars=SITE_VARS, prefetch=SITE_DEBS, replace=True)  # fmt: skip
     try:
         rack.up()
     except RackUnavailable as exc:
@@ -261,6 +263,88 @@ def test_nvidia_driver_skips_the_gpu_less_hosts_with_one_line(
         ).stdout.lower()
         assert "nvidia" not in listed, listed
         assert "nouveau" not in listed, listed
+
+
+def _tcp_listeners(rack: Rack, host: Any) -> dict[int, str]:
+    """Listening TCP ports of the host that are reachable from outside it: port -> address."""
+    out = rack.ssh(host, "ss -Hltn").stdout
+    found = {}
+    for line in out.splitlines():
+        address, _, port = line.split()[3].rpartition(":")
+        if not address.startswith(("127.", "[::1]", "[::ffff:127.")):
+            found[int(port)] = address
+    return found
+
+
+def _firewalled_ports(rack: Rack, host: Any) -> set[int]:
+    """The ports in the firewall's set, as loaded in the kernel."""
+    listed = json.loads(
+        rack.ssh(host, "nft --json list set inet rackserve_ray ray_tcp_ports").stdout
+    )
+    ports: set[int] = set()
+    for entry in listed["nftables"]:
+        for element in entry.get("set", {}).get("elem", []):
+            if isinstance(element, dict):
+                low, high = element["range"]
+                ports.update(range(low, high + 1))
+            else:
+                ports.add(element)
+    return ports
+
+
+@pytest.mark.integration
+def test_every_ray_port_is_firewalled_to_the_cluster_interface(
+    site_rack: Rack, converged: Run
+) -> None:
+    """Ray binds GCS, raylet and metrics to every interface: each port it listens on (all but
+    sshd's) must be in the firewall's set, on the head and on a worker."""
+    assert converged.result.ok, converged.explain()
+    for host in site_rack.hosts[:2]:
+        listeners = _tcp_listeners(site_rack, host)
+        unguarded = set(listeners) - {22} - _firewalled_ports(site_rack, host)
+        assert not unguarded, (host.name, sorted(unguarded), listeners)
+        if host.role == "head":
+            assert listeners.get(RAY_PORT) in ("*", "0.0.0.0", "[::]"), listeners  # why it exists
+
+
+PROBE_SCRIPT = """
+set -e
+ip netns add rsprobe
+trap 'ip netns del rsprobe' EXIT
+ip link add rsfw0 type veth peer name rsfw1 netns rsprobe
+ip addr add 192.168.251.1/30 dev rsfw0 && ip link set rsfw0 up
+ip -n rsprobe addr add 192.168.251.2/30 dev rsfw1
+ip -n rsprobe link set rsfw1 up && ip -n rsprobe link set lo up
+for port in "$@"; do
+  if ip netns exec rsprobe timeout 3 bash -c "exec 3<>/dev/tcp/192.168.251.1/$port" 2>/dev/null
+  then echo "$port open"; else echo "$port closed"; fi
+done
+"""
+
+
+@pytest.mark.integration
+def test_ray_ports_answer_only_on_the_cluster_interface(site_rack: Rack, converged: Run) -> None:
+    """From a second network on the head (a veth into a namespace inside it), sshd answers and
+    Ray's GCS, raylet and dashboard do not; through the cluster network they do."""
+    assert converged.result.ok, converged.explain()
+    head = site_rack.hosts[0]
+    ports = [22, RAY_PORT, 8076, 8077, 8080, 8265]
+    args = " ".join(map(str, ports))
+    probe = site_rack.ssh(head, f"bash -c {shlex.quote(PROBE_SCRIPT)} probe {args}")
+    answers = dict(line.split() for line in probe.stdout.splitlines())
+    assert answers == {"22": "open"} | {str(p): "closed" for p in ports[1:]}, probe.stdout
+    # The probe does see Ray's ports when the table is gone: stopping the unit deletes it.
+    site_rack.ssh(head, "systemctl stop rackserve-ray-firewall")
+    try:
+        bare = site_rack.ssh(head, f"bash -c {shlex.quote(PROBE_SCRIPT)} probe {RAY_PORT}")
+        assert bare.stdout.split() == [str(RAY_PORT), "open"], bare.stdout
+    finally:
+        site_rack.ssh(head, "systemctl start rackserve-ray-firewall")
+    worker = site_rack.hosts[1]
+    through_cluster = site_rack.ssh(
+        worker, f"timeout 3 bash -c 'exec 3<>/dev/tcp/{head.ip}/{RAY_PORT}' && echo open"
+    )
+    assert through_cluster.stdout.strip() == "open"
 
 
 @pytest.mark.integration

@@ -27,6 +27,12 @@ RAY_VARS: dict[str, Any] = {
     "ray_worker_object_store_memory": OBJECT_STORE_BYTES,
 }
 
+# The .debs site.yml installs on a CPU host beyond the base image: python_env's C++ compiler and
+# Python headers (vLLM's CPU build compiles at the first request) and nftables (the Ray
+# firewall). They go into the image's apt cache (Rack(prefetch=...)), so that the offline hosts
+# install them with apt, from there, as an air-gapped rack does from its mirror.
+SITE_DEBS = ("g++", "python3-dev", "nftables")
+
 _NODES_SCRIPT = """
 import json, sys, ray
 ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], logging_level="ERROR",
