@@ -106,6 +106,7 @@ class _Progress:
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_STATS, 0))
         self.failures: list[Failure] = []
         self.task = ""
+        self.task_uuid: object = None
         self.play = ""
 
     def __call__(self, event: Mapping[str, Any]) -> bool:
@@ -115,7 +116,10 @@ class _Progress:
             self.play = str(data.get("play", ""))
             self.console.print(f"[bold]PLAY[/] {escape(self.play)}", highlight=False)
         elif kind == "playbook_on_task_start":
-            self.task = str(data.get("task", ""))
+            # A task that ends hosts (meta: end_host) starts once per host: show it once.
+            if data.get("task_uuid") and data.get("task_uuid") == self.task_uuid:
+                return True
+            self.task, self.task_uuid = str(data.get("task", "")), data.get("task_uuid")
             self.console.print(
                 f"  [dim]{escape(self._line())}[/] {escape(self.task)}", highlight=False
             )
