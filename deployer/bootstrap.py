@@ -203,8 +203,14 @@ def run_playbook(
     limit: str | None = None,
     check: bool = False,
     console: Console | None = None,
+    *,
+    tags: str | None = None,
+    skip_tags: str | None = None,
 ) -> BootstrapResult:
-    """Run playbooks/<playbook>.yml against the inventory, showing progress on `console`."""
+    """Run playbooks/<playbook>.yml against the inventory, showing progress on `console`.
+
+    `tags` / `skip_tags` (comma-separated) are ansible-playbook's: the roles' steps.
+    """
     if playbook not in PLAYBOOKS:
         raise ConfigError(f"unknown playbook {playbook!r} (choose from {', '.join(PLAYBOOKS)})")
     if not inventory.is_file():
@@ -231,6 +237,8 @@ def run_playbook(
             inventory=str(inventory.resolve()),
             extravars=dict(extravars or {}),
             limit=limit,
+            tags=tags,
+            skip_tags=skip_tags,
             cmdline="--check" if check else None,
             envvars={
                 "ANSIBLE_CONFIG": str(root / "ansible.cfg"),

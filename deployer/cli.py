@@ -204,12 +204,26 @@ def bootstrap(
         list[str] | None,
         typer.Option("--extra-vars", "-e", help="KEY=VALUE (YAML value) or @FILE; repeatable."),
     ] = None,
+    tags: Annotated[
+        str | None,
+        typer.Option("--tags", "-t", help="Only these steps, e.g. ray_worker,ray_firewall."),
+    ] = None,
+    skip_tags: Annotated[
+        str | None, typer.Option("--skip-tags", help="All steps but these, e.g. models.")
+    ] = None,
 ) -> None:
     """Bootstrap the rack with Ansible (playbooks/site.yml) and show live progress."""
     from deployer.bootstrap import parse_extravars, run_playbook  # noqa: PLC0415 - ansible
 
     result = run_playbook(
-        inventory, playbook, parse_extravars(extra_vars or []), limit, check, console
+        inventory,
+        playbook,
+        parse_extravars(extra_vars or []),
+        limit,
+        check,
+        console,
+        tags=tags,
+        skip_tags=skip_tags,
     )
     if not result.ok:
         raise typer.Exit(ExitCode.FAILURE)

@@ -350,6 +350,29 @@ def test_ray_ports_answer_only_on_the_cluster_interface(site_rack: Rack, converg
 
 
 @pytest.mark.integration
+def test_firewall_switches_off_and_on_by_its_tag_without_touching_ray(
+    site_rack: Rack, converged: Run
+) -> None:
+    assert converged.result.ok, converged.explain()
+    before = snapshot(site_rack)
+    firewall = "/etc/systemd/system/rackserve-ray-firewall.service /etc/rackserve/ray-firewall.nft"
+    off = bootstrap(site_rack, tags="ray_firewall", extravars={"ray_firewall_enabled": False})
+    assert off.result.ok, off.explain()
+    assert "Install the vLLM build" not in off.output  # only the firewall's step ran
+    for host in site_rack.hosts:
+        left = site_rack.ssh(
+            host, f"ls {firewall} 2>/dev/null; nft list table inet rackserve_ray 2>/dev/null; true"
+        )
+        assert left.stdout.strip() == "", f"{host.name}: {left.stdout}"
+    on = bootstrap(site_rack, tags="ray_firewall")
+    assert on.result.ok, on.explain()
+    assert all(n > 0 for n in on.changed().values()), on.changed()
+    for host in site_rack.hosts:
+        site_rack.ssh(host, f"ls {firewall} && nft list table inet rackserve_ray >/dev/null")
+    assert snapshot(site_rack) == before  # Ray ran on, untouched
+
+
+@pytest.mark.integration
 def test_second_run_changes_nothing(site_rack: Rack, converged: Run) -> None:
     assert converged.result.ok, converged.explain()
     before = snapshot(site_rack)
