@@ -43,16 +43,21 @@ def rack() -> Iterator[Rack]:
     Torn down at the end of the session; a rack of the same prefix left by a killed session is
     replaced. Teardown fails the session if anything of the rack is left on the machine.
     """
-    booted = Rack(RACK_HOSTS, prefix=rack_prefix(), network=rack_network(), replace=True)
+    yield from booted(Rack(RACK_HOSTS, prefix=rack_prefix(), network=rack_network(), replace=True))
+
+
+def booted(rack: Rack) -> Iterator[Rack]:
+    """Boot `rack` for a fixture and yield it: skip (or fail, where required) if it cannot
+    boot; afterwards tear it down and fail if anything of it is left on the machine."""
     try:
-        booted.up()
+        rack.up()
     except RackUnavailable as exc:
         skip_or_fail(str(exc))
     try:
-        yield booted
+        yield rack
     finally:
-        booted.down()
-    left = rack_status(booted.spec.cache_dir, booted.spec.prefix)
+        rack.down()
+    left = rack_status(rack.spec.cache_dir, rack.spec.prefix)
     assert not left.leftovers, f"rack {left.prefix} left behind: {left}"
 
 

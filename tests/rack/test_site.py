@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.rack.conftest import skip_or_fail
-from tests.rackbox import Rack, RackError, RackUnavailable, check_machine, rack_status
+from tests.rack.conftest import booted, skip_or_fail
+from tests.rackbox import Rack, RackError, RackUnavailable, check_machine
 from tests.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
 from tests.rackbox.nspawn import nspawn_argv
 from tests.rackbox.rack import check_binds
@@ -170,16 +170,7 @@ def site_rack() -> Iterator[Rack]:
     print(wheelhouse.describe())
     rack = Rack(3, prefix=PREFIX, network=NETWORK, wheelhouse=wheelhouse.path,
                 inventory_vars=SITE_VARS, prefetch=SITE_DEBS, replace=True)  # fmt: skip
-    try:
-        rack.up()
-    except RackUnavailable as exc:
-        skip_or_fail(str(exc))
-    try:
-        yield rack
-    finally:
-        rack.down()
-    left = rack_status(rack.spec.cache_dir, rack.spec.prefix)
-    assert not left.leftovers, f"rack {left.prefix} left behind: {left}"
+    yield from booted(rack)
 
 
 @pytest.fixture(scope="module")
@@ -373,22 +364,15 @@ def test_firewall_switches_off_and_on_by_its_tag_without_touching_ray(
 
 
 @pytest.mark.integration
-def test_second_run_changes_nothing(site_rack: Rack, converged: Run) -> None:
+@pytest.mark.parametrize("check", [False, True], ids=["second-run", "check-mode"])
+def test_a_run_on_converged_hosts_changes_nothing(
+    site_rack: Rack, converged: Run, check: bool
+) -> None:
     assert converged.result.ok, converged.explain()
     before = snapshot(site_rack)
-    again = bootstrap(site_rack)
+    again = bootstrap(site_rack, check=check)
     assert again.result.ok, again.explain()
     assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
-    assert snapshot(site_rack) == before
-
-
-@pytest.mark.integration
-def test_check_mode_on_converged_hosts_changes_nothing(site_rack: Rack, converged: Run) -> None:
-    assert converged.result.ok, converged.explain()
-    before = snapshot(site_rack)
-    checked = bootstrap(site_rack, check=True)
-    assert checked.result.ok, checked.explain()
-    assert checked.changed() == {h.name: 0 for h in site_rack.hosts}, checked.explain()
     assert snapshot(site_rack) == before
 
 
