@@ -36,6 +36,7 @@ from urllib.error import HTTPError
 
 import yaml
 
+from deployer.nvml_reader import read_available_memory_mib
 from deployer.quickstart import DEFAULT_CACHE, build_models, chat, models_config
 
 if TYPE_CHECKING:
@@ -64,13 +65,6 @@ def demo_vars(models: Sequence[str], nodes: Sequence[str], port: int) -> dict[st
         "ray_head_environment": offline,
         "ray_worker_environment": offline,
     }
-
-
-def _memory_available_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
 
 
 def _step(title: str) -> None:
@@ -153,8 +147,9 @@ def run(keep: bool, cache: Path, port: int) -> int:
     except rackbox.RackUnavailable as exc:
         print(f"demo: this machine cannot run the rack-in-a-box: {exc}", file=sys.stderr)
         return 2
-    if _memory_available_gib() < NEEDS_GIB:
-        print(f"demo: warning: {_memory_available_gib():.1f} GiB of memory available; "
+    available_gib = read_available_memory_mib() / 1024
+    if available_gib < NEEDS_GIB:
+        print(f"demo: warning: {available_gib:.1f} GiB of memory available; "
               f"the demo needs about {NEEDS_GIB} GiB", file=sys.stderr, flush=True)  # fmt: skip
     models, models_dir, house = _prepare(cache, wheelhouse, timings)
 
