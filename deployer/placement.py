@@ -5,10 +5,13 @@ Pure: a `Cluster` and one `Demand` per model go in, a `Plan` comes out; no Ray, 
 Rules (README, "How models are placed"):
 - a model's tensor-parallel ranks take whole, distinct GPUs of one node;
 - a model with tensor_parallel_size 1 takes a fraction of one GPU and may share it;
-- Ray sees every GPU of a node as 1.0 and gives a fractional bundle the first GPU with room, so
-  on each node GPUs are packed against the smallest usable memory among that node's GPUs
-  (free memory less the reserve), and the plan lists placements in the order that makes Ray's
-  choice the planned one;
+- Ray sees every GPU of a node as 1.0 and chooses the GPU itself: whole bundles take the free
+  GPUs of lowest index, a fractional bundle the GPU whose room fits it most tightly (best fit,
+  lowest index on a tie; the raylet's `NodeResourceInstanceSet::TryAllocate`). So on each node
+  GPUs are packed against the smallest usable memory among that node's GPUs (free memory less
+  the reserve), any GPU Ray picks has the memory, and the plan replays Ray's rule over its launch
+  order and reports Ray's choice: the tenants that really share a GPU are the ones whose
+  `gpu_memory_utilization` is split from it;
 - with no GPU anywhere, CPU nodes are the devices, one per node, with their usable memory.
 """
 
@@ -41,6 +44,8 @@ class Demand:
     kv_cache_bytes: int | None = None
     outside_budget_bytes: int = 0
     """Part of bytes_per_gpu that vLLM allocates outside gpu_memory_utilization (CUDA context)."""
+    gpus: tuple[int, ...] | None = None
+    """GPU indices of `node` where this model's engine already runs and stays (a redeploy)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,12 +345,17 @@ def plan_placements(
             )
             unplaced.append(Unplaced(demand.model_id, reason))
 
-    # Who is on which device, in launch order (see the module docstring).
+    # Who is on which device, in launch order (see the module docstring). Engines that already
+    # run hold their bundles: they come first, on their own GPUs.
     launch = sorted(
         (i for i, p in enumerate(packing.places) if p is not None),
-        key=lambda i: _launch_key(i, packing.places, items, demands),
+        key=lambda i: (not demands[i].gpus, *_launch_key(i, packing.places, items, demands)),
     )
-    places = _as_ray_assigns(launch, packing.places, items)
+    places, no_gpu = _as_ray_assigns(launch, packing.places, items, demands, views)
+    for i in no_gpu:
+        node = views[packing.places[i].node].node.name  # type: ignore[union-attr]
+        unplaced.append(Unplaced(demands[i].model_id, _NO_GPU_LEFT.format(node)))
+    launch = [i for i in launch if i in places]
     tenants: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i in launch:
         for slot in places[i].slots:
@@ -370,40 +380,85 @@ def plan_placements(
     return Plan(tuple(placements), tuple(unplaced), fills, device, packing.proven_optimal)
 
 
+_NO_GPU_LEFT = (
+    "Ray would find no GPU of node {!r} with room for it beside the engines that keep running "
+    "on their GPUs; run `rackserve down` and deploy again to repack the node"
+)
+
+
+def ray_assigns_bundle(room: list[int], units: int) -> tuple[int, ...] | None:
+    """The GPUs Ray's raylet gives one bundle of `units` (CAPACITY per GPU), taken from `room`.
+
+    `room[k]` is what GPU k has left, in units. Ray 2.60 (`NodeResourceInstanceSet::TryAllocate`):
+    a demand of one GPU or more takes that many wholly free GPUs, lowest index first; a fraction
+    takes the GPU it fits most tightly (least room left after it), the lowest index on a tie.
+    None when no GPU can take it; `room` is then unchanged.
+    """
+    if units >= CAPACITY:
+        free = [k for k, left in enumerate(room) if left == CAPACITY][: units // CAPACITY]
+        if len(free) < units // CAPACITY:
+            return None
+        for k in free:
+            room[k] = 0
+        return tuple(free)
+    fitting = [(left - units, k) for k, left in enumerate(room) if left >= units]
+    if not fitting:
+        return None
+    _, best = min(fitting)
+    room[best] -= units
+    return (best,)
+
+
 def _as_ray_assigns(
-    launch: Sequence[int], planned: Sequence[ItemPlace | None], items: Sequence[PackItem]
-) -> dict[int, ItemPlace]:
+    launch: Sequence[int],
+    planned: Sequence[ItemPlace | None],
+    items: Sequence[PackItem],
+    demands: Sequence[Demand],
+    views: Sequence[_NodeView],
+) -> tuple[dict[int, ItemPlace], list[int]]:
     """The GPUs Ray gives each placement when its bundles are created in launch order.
 
-    Ray takes free whole GPUs for whole bundles and gives a fractional bundle the first GPU
-    (by index) with room. Launching node by node, group by group, Ray never needs more GPUs
-    than the plan's groups (a group's items fit in its own GPU if no earlier one has room),
-    and since fractions are sized against the node's tightest GPU, any GPU Ray picks has the
-    memory. The plan reports Ray's choice, so what runs is what was planned.
+    Engines that already run (`Demand.gpus`) hold their GPUs. Every other engine's bundles go
+    through Ray's rule (`ray_assigns_bundle`); launched node by node, group by group, best fit
+    never needs more GPUs than the packing's groups (a group's items fit on the first fresh GPU
+    it opens, and that GPU is tighter than any other fresh one), and since fractions are sized
+    against the node's tightest GPU, any GPU Ray picks has the memory. Returns the places Ray
+    chooses and the engines it would find no room for (possible only beside engines that keep
+    their GPUs).
     """
-    remaining: dict[int, list[int]] = {}
+    room: dict[int, list[int]] = {}
     result: dict[int, ItemPlace] = {}
+    no_gpu: list[int] = []
     for i in launch:
         place = planned[i]
         assert place is not None
-        free = remaining.setdefault(place.node, [])
-        if items[i].whole:
-            slots = [s for s, room in enumerate(free) if room == CAPACITY][: items[i].whole]
-            while len(slots) < items[i].whole:
-                free.append(CAPACITY)
-                slots.append(len(free) - 1)
-            for s in slots:
-                free[s] = 0
-        else:
-            size = items[i].units[place.node]
-            slot = next((s for s, room in enumerate(free) if room >= size), None)
-            if slot is None:
-                free.append(CAPACITY)
-                slot = len(free) - 1
-            free[slot] -= size
-            slots = [slot]
-        result[i] = ItemPlace(place.node, tuple(slots))
-    return result
+        free = room.setdefault(place.node, [CAPACITY] * len(views[place.node].devices))
+        kept = [
+            k
+            for k, dev in enumerate(views[place.node].devices)
+            if dev.index in (demands[i].gpus or ())
+        ]
+        if kept and len(kept) == len(demands[i].gpus or ()):
+            units = CAPACITY if items[i].whole else items[i].units[place.node]
+            for k in kept:
+                free[k] -= min(units, free[k])
+            result[i] = ItemPlace(place.node, tuple(kept))
+            continue
+        # One bundle per rank, each on one GPU: whole GPUs for tensor-parallel ranks.
+        bundles = [CAPACITY] * items[i].whole or [items[i].units[place.node]]
+        taken: list[int] = []
+        for units in bundles:
+            got = ray_assigns_bundle(free, units)
+            if got is None:
+                break
+            taken.extend(got)
+        if len(taken) < len(bundles):
+            for k, units in zip(taken, bundles, strict=False):  # Ray creates no part of a group
+                free[k] += units
+            no_gpu.append(i)
+            continue
+        result[i] = ItemPlace(place.node, tuple(taken))
+    return result, no_gpu
 
 
 def _launch_key(

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from deployer.cluster import GIB, MIB, Cluster, Gpu, Node
 from deployer.errors import ConfigError
-from deployer.placement import Demand, Plan, plan_placements
+from deployer.packing import CAPACITY
+from deployer.placement import Demand, Plan, plan_placements, ray_assigns_bundle
 
 pytestmark = pytest.mark.unit
 
@@ -40,10 +41,11 @@ def demand(model_id: str, gib: float, tp: int = 1, **extra: object) -> Demand:
 
 
 def simulate_ray(plan: Plan, cluster: Cluster) -> dict[str, tuple[int, ...]]:
-    """Ray's choice for each placement when bundles are created in plan order.
+    """Ray 2.60's choice for each placement when bundles are created in plan order.
 
-    Whole GPUs: the lowest free GPU indices. Fractions: the first GPU (by index) whose remaining
-    share is at least the fraction.
+    The raylet's rule (`NodeResourceInstanceSet::TryAllocate`): whole GPUs take the lowest free
+    indices; a fraction takes the GPU with the least room left after it (best fit), the lowest
+    index on a tie. Written apart from the planner's own replay, in floats.
     """
     remaining: dict[tuple[str, int], float] = {
         (node.name, gpu.index): 1.0 for node in cluster.nodes for gpu in node.gpus
@@ -52,15 +54,16 @@ def simulate_ray(plan: Plan, cluster: Cluster) -> dict[str, tuple[int, ...]]:
     for p in plan.placements:
         indices = sorted(i for (n, i) in remaining if n == p.node)
         assert p.gpu_fraction is not None
-        if p.tensor_parallel_size > 1:
+        if p.tensor_parallel_size > 1 or p.gpu_fraction == 1.0:
             free = [i for i in indices if remaining[(p.node, i)] == 1.0][: p.tensor_parallel_size]
             for i in free:
                 remaining[(p.node, i)] = 0.0
             chosen[p.model_id] = tuple(free)
         else:
-            first = next(i for i in indices if remaining[(p.node, i)] >= p.gpu_fraction - 1e-12)
-            remaining[(p.node, first)] -= p.gpu_fraction
-            chosen[p.model_id] = (first,)
+            fits = [i for i in indices if remaining[(p.node, i)] >= p.gpu_fraction - 1e-9]
+            best = min(fits, key=lambda i: (round(remaining[(p.node, i)] - p.gpu_fraction, 6), i))
+            remaining[(p.node, best)] -= p.gpu_fraction
+            chosen[p.model_id] = (best,)
     return chosen
 
 
@@ -71,6 +74,8 @@ def check_plan(plan: Plan, cluster: Cluster, demands: list[Demand], reserve_gib:
     assert not placed & unplaced
     assert placed | unplaced == set(by_id), "every model placed or reported"
     booked: dict[tuple[str, int], int] = defaultdict(int)
+    utilization: dict[tuple[str, int], float] = defaultdict(float)
+    fractions: dict[tuple[str, int], float] = defaultdict(float)
     for p in plan.placements:
         d = by_id[p.model_id]
         node = cluster.node(p.node)
@@ -78,14 +83,21 @@ def check_plan(plan: Plan, cluster: Cluster, demands: list[Demand], reserve_gib:
         assert len(p.gpus) == len(set(p.gpus)) == d.tensor_parallel_size, "distinct GPUs, one node"
         if d.node:
             assert p.node == d.node
+        assert p.gpu_memory_utilization is not None
+        assert p.gpu_fraction is not None
         for index in p.gpus:
             booked[(p.node, index)] += d.bytes_per_gpu
-        assert p.gpu_memory_utilization is not None
+            utilization[(p.node, index)] += p.gpu_memory_utilization
+            fractions[(p.node, index)] += p.gpu_fraction
         assert 0 < p.gpu_memory_utilization <= 1
     for node in cluster.nodes:
         for gpu in node.gpus:
             usable = gpu.memory_free_mib * MIB - reserve_gib * GIB
             assert booked[(node.name, gpu.index)] <= usable, "GPU over its usable memory"
+            # What vLLM is told: the engines sharing a GPU never claim more than it can give.
+            share = utilization[(node.name, gpu.index)] * gpu.memory_total_mib * MIB
+            assert share <= usable + 1e-6, "gpu_memory_utilization over the GPU's usable memory"
+            assert fractions[(node.name, gpu.index)] <= 1.0 + 1e-9, "GPU booked past 1.0"
     # Ray, given the bundles in plan order, picks exactly the planned GPUs.
     assert simulate_ray(plan, cluster) == {p.model_id: p.gpus for p in plan.placements}
 
@@ -283,3 +295,54 @@ def test_plans_respect_every_rule(scenario: tuple[Cluster, list[Demand], float])
     plan = plan_placements(cluster, demands, reserve_gib=reserve)
     check_plan(plan, cluster, demands, reserve)
     assert plan == plan_placements(cluster, demands, reserve_gib=reserve), "deterministic"
+
+
+def test_ray_assigns_fractions_best_fit_and_whole_gpus_lowest_first() -> None:
+    # Measured on Ray 2.60 with 4 logical GPUs: 0.5, 0.7, 0.3 land on GPUs 0, 1, 1.
+    room = [CAPACITY] * 4
+    got = [ray_assigns_bundle(room, round(f * CAPACITY)) for f in (0.5, 0.7, 0.3)]
+    assert got == [(0,), (1,), (1,)]
+    assert ray_assigns_bundle(room, CAPACITY) == (2,), "a whole GPU: the lowest wholly free"
+    assert ray_assigns_bundle(room, 2 * CAPACITY) is None, "only GPU 3 is wholly free"
+    assert room == [5_000, 0, 0, CAPACITY], "a refused bundle takes nothing"
+    assert ray_assigns_bundle(room, 5_000) == (0,), "exact fit beats a fresh GPU"
+    assert ray_assigns_bundle([4_000, 6_000, 4_000], 3_000) == (0,), "lowest index on a tie"
+
+
+def test_plan_reports_the_gpus_ray_picks_not_first_fit() -> None:
+    # The measured case: 4 GPUs of 80 GiB, reserve 0. First-fit put m3 (3.5 GiB) on GPU 0 in
+    # the plan while Ray, best fit, put it beside m4 and m1 on GPU 2: three engines whose
+    # gpu_memory_utilization summed past the GPU.
+    cluster = Cluster(nodes=[gpu_node("n", 4, free=81_920, total=81_920)])
+    sizes = [54.8, 33.0, 41.5, 3.5, 38.8, 37.2]
+    demands = [demand(f"m{i}", gib) for i, gib in enumerate(sizes)]
+    plan = plan_placements(cluster, demands, reserve_gib=0)
+    by_id = {p.model_id: p for p in plan.placements}
+    assert by_id["m3"].gpus == (2,)
+    assert {m for m, p in by_id.items() if p.gpus == (2,)} == {"m1", "m3", "m4"}
+    check_plan(plan, cluster, demands, 0.0)
+
+
+def test_engines_that_keep_running_keep_their_gpus() -> None:
+    cluster = Cluster(nodes=[gpu_node("n", 4, free=81_920, total=81_920)])
+    first = plan_placements(cluster, [demand("a", 30), demand("b", 30)], reserve_gib=0)
+    where = {p.model_id: p.gpus for p in first.placements}
+    kept = [demand(m, 30, node="n", gpus=where[m]) for m in ("a", "b")]
+    again = plan_placements(cluster, [demand("big", 70, tp=2), *kept], reserve_gib=0)
+    by_id = {p.model_id: p for p in again.placements}
+    assert by_id["a"].gpus == where["a"] and by_id["b"].gpus == where["b"]
+    assert not set(by_id["big"].gpus) & {*where["a"], *where["b"]}
+    # Launch order: the running engines hold their bundles before any new one is created.
+    assert [p.model_id for p in again.placements][:2] == ["a", "b"]
+
+
+def test_no_gpu_left_beside_kept_engines_is_reported_not_overbooked() -> None:
+    # Kept engines on GPUs 0 and 2 of a 3-GPU node: the packing puts both on one GPU and a
+    # tensor-parallel pair on the other two, but Ray has only GPU 1 wholly free.
+    cluster = Cluster(nodes=[gpu_node("n", 3, free=81_920, total=81_920)])
+    kept = [demand(m, 20, node="n", gpus=(k,)) for m, k in (("a", 0), ("b", 2))]
+    plan = plan_placements(cluster, [*kept, demand("pair", 50, tp=2)], reserve_gib=0)
+    assert [(p.model_id, p.gpus) for p in plan.placements] == [("a", (0,)), ("b", (2,))]
+    (why,) = plan.unplaced
+    assert why.model_id == "pair"
+    assert "rackserve down" in why.reason
