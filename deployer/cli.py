@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 
@@ -159,13 +160,30 @@ def deploy(
     reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
     http_host: HttpHostOption = "0.0.0.0",
     http_port: HttpPortOption = 8000,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            click_type=click.Choice(["vllm", "standin"]),
+            help="vllm serves the models; standin rehearses the launch on the same GPUs and "
+            "bundles with a stand-in that serves nothing (dry runs, logical GPUs).",
+        ),
+    ] = "vllm",
 ) -> None:
     """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
     from deployer.launch import DeployOptions  # noqa: PLC0415 - needs Ray
     from deployer.launch import deploy as run_deploy  # noqa: PLC0415
 
     registry = load_models(models)
-    options = DeployOptions(address, plan_only, allow_partial, reserve_gib, http_host, http_port)
+    options = DeployOptions(
+        address,
+        plan_only,
+        allow_partial,
+        reserve_gib,
+        http_host,
+        http_port,
+        engine="standin" if engine == "standin" else "vllm",
+    )
     run_deploy(registry, options, console)
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -63,6 +63,8 @@ class DeployOptions:
     reserve_gib: float = DEFAULT_RESERVE_GIB
     http_host: str = DEFAULT_HTTP_HOST
     http_port: int = DEFAULT_HTTP_PORT
+    engine: Literal["vllm", "standin"] = "vllm"
+    """`standin` runs a stand-in replica instead of vLLM on the same bundles (rehearsals)."""
 
 
 @dataclasses.dataclass(frozen=True)
