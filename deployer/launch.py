@@ -20,7 +20,6 @@ Ray is imported inside the functions only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -28,14 +27,14 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-from deployer.cluster import MIB, Cluster, Gpu, Node
 from deployer.errors import ExitCode, RackserveError
 from deployer.models_config import ModelManager
 from deployer.placement import DEFAULT_RESERVE_GIB, Plan
 from deployer.probe import connect, probe_cluster
+from deployer.redeploy import Deployed, models_document, replan
 from deployer.render import print_plan
-from deployer.serve_config import APP_NAME, EngineSpec, engine_specs, route_prefix, waves
-from deployer.workflow import estimate_models, plan_models
+from deployer.serve_config import APP_NAME, EngineSpec, route_prefix, waves
+from deployer.workflow import estimate_models
 
 KV_NAMESPACE = "rackserve"
 KV_KEY = b"deployment"
@@ -67,35 +66,6 @@ class DeployOptions:
     """`standin` runs a stand-in replica instead of vLLM on the same bundles (rehearsals)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Deployed:
-    """What rackserve deployed last: the models (as given), the placements, each engine's config."""
-
-    models: list[dict[str, Any]]
-    placements: list[dict[str, Any]]
-    engines: dict[str, dict[str, Any]]
-
-    def to_bytes(self) -> bytes:
-        """JSON, for the key-value store."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes | None) -> Deployed | None:
-        """Read back what `to_bytes` wrote; None for nothing."""
-        if not data:
-            return None
-        document = json.loads(data)
-        return cls(
-            models=document["models"],
-            placements=document["placements"],
-            engines=document.get("engines", {}),
-        )
-
-
-def _models_document(models: ModelManager) -> list[dict[str, Any]]:
-    return [m.model_dump(mode="json") for m in models]
-
-
 def _read_deployed() -> Deployed | None:
     from ray.experimental import internal_kv
 
@@ -110,41 +80,6 @@ def _write_deployed(deployed: Deployed | None) -> None:
         internal_kv._internal_kv_del(KV_KEY, namespace=KV_NAMESPACE)
     else:
         internal_kv._internal_kv_put(KV_KEY, deployed.to_bytes(), namespace=KV_NAMESPACE)
-
-
-def with_own_memory_freed(cluster: Cluster, deployed: Deployed | None) -> Cluster:
-    """The cluster as if rackserve's running engines were not there.
-
-    Re-planning against memory that our own engines hold would move them; adding their booked
-    memory back makes the planner see what it saw when it placed them.
-    """
-    if deployed is None:
-        return cluster
-    held: dict[tuple[str, int | None], int] = {}
-    for p in deployed.placements:
-        booked = round((p["gpu_memory_gib"] + p.get("extra_kv_gib", 0.0)) * 1024) * MIB
-        for index in p["gpus"] or [None]:
-            key = (p["node"], index)
-            held[key] = held.get(key, 0) + booked
-    nodes = []
-    for node in cluster.nodes:
-        gpus = [
-            Gpu.model_validate(
-                gpu.model_dump()
-                | {
-                    "memory_free_mib": min(
-                        gpu.memory_total_mib,
-                        gpu.memory_free_mib + held.get((node.name, gpu.index), 0) // MIB,
-                    )
-                }
-            )
-            for gpu in node.gpus
-        ]
-        cpu = node.cpu_memory_mib
-        if cpu is not None and not node.gpus:
-            cpu += held.get((node.name, None), 0) // MIB
-        nodes.append(Node.model_validate(node.model_dump() | {"gpus": gpus, "cpu_memory_mib": cpu}))
-    return Cluster(nodes=nodes)
 
 
 def model_app_name(model_id: str) -> str:
@@ -162,7 +97,7 @@ def _quiet_builders() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _engine_application(spec: EngineSpec) -> Any:
+def _engine_application(spec: EngineSpec, engine: str = "vllm") -> Any:
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
     return build_llm_deployment(LLMConfig(**spec.llm_config))
@@ -190,7 +125,9 @@ def _ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
     return deployment.bind(llm_deployments=handles, model_cards=cards)
 
 
-def _start_engines(specs: Sequence[EngineSpec], say: Callable[[str], None]) -> None:
+def _start_engines(
+    specs: Sequence[EngineSpec], say: Callable[[str], None], engine: str = "vllm"
+) -> None:
     """Start the engines wave after wave; each wave's applications start together."""
     from ray import serve
     from ray.serve.api import RunTarget
@@ -200,7 +137,9 @@ def _start_engines(specs: Sequence[EngineSpec], say: Callable[[str], None]) -> N
         names = ", ".join(f"{s.model_id}@{s.node}" for s in wave)
         say(f"wave {number}/{len(grouped)}: starting {names}")
         targets = [
-            RunTarget(_engine_application(s), name=model_app_name(s.model_id), route_prefix=None)
+            RunTarget(
+                _engine_application(s, engine), name=model_app_name(s.model_id), route_prefix=None
+            )
             for s in wave
         ]
         try:
@@ -230,18 +169,25 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
         deployed = _read_deployed()
         applications = serve.status().applications
         running = APP_NAME in applications
-        document = _models_document(models)
+        document = models_document(models)
         if deployed is not None and deployed.models == document and running:
             console.print("nothing to change: these models are deployed as planned")
             return None
         cluster = probe_cluster(options.address)
-        pinned = _keep_unchanged_on_their_nodes(models, deployed if running else None)
-        plan = plan_models(
-            with_own_memory_freed(cluster, deployed if running else None),
-            pinned,
+        engines_running = [
+            model_id
+            for model_id in (deployed.engines if deployed and running else {})
+            if model_app_name(model_id) in applications
+        ]
+        change = replan(
+            cluster,
+            models,
             estimates,
+            deployed if running else None,
+            engines_running,
             options.reserve_gib,
         )
+        plan = change.plan
         print_plan(console, plan)
         if plan.unplaced and options.plan_only:
             raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
@@ -252,32 +198,18 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
                 f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
                 "launched. Pass --allow-partial to launch the others."
             )
-        specs = engine_specs(plan, models, cluster)
         serve.start(
             proxy_location="HeadOnly",
             http_options={"host": options.http_host, "port": options.http_port},
         )
         _quiet_builders()
-        running_engines = {
-            model_id
-            for model_id in (deployed.engines if deployed else {})
-            if model_app_name(model_id) in applications
-        }
-        changed = [
-            s
-            for s in specs
-            if s.model_id not in running_engines
-            or deployed is None
-            or deployed.engines.get(s.model_id) != s.llm_config
-        ]
-        kept = [s.model_id for s in specs if s not in changed]
-        removed = sorted(set(deployed.engines if deployed else {}) - {s.model_id for s in specs})
-        for model_id in removed + [s.model_id for s in changed if s.model_id in running_engines]:
+        for model_id in change.stop:
             console.print(f"stopping {model_id}")
             serve.delete(model_app_name(model_id))
-        if kept:
-            console.print(f"unchanged, left running: {', '.join(kept)}")
-        _start_engines(changed, console.print)
+        if change.keep:
+            console.print(f"unchanged, left running: {', '.join(change.keep)}")
+        _start_engines(change.start, console.print, options.engine)
+        specs = change.specs
         serve.run(
             _ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix
         )
@@ -295,21 +227,6 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
         return plan
     finally:
         ray.shutdown()
-
-
-def _keep_unchanged_on_their_nodes(models: ModelManager, deployed: Deployed | None) -> ModelManager:
-    """Pin each model that is running unchanged to the node it runs on, so it stays there."""
-    if deployed is None:
-        return models
-    before = {m["model_id"]: m for m in deployed.models}
-    nodes = {p["model_id"]: p["node"] for p in deployed.placements}
-    kept = ModelManager()
-    for model in models:
-        same = before.get(model.model_id) == model.model_dump(mode="json")
-        if same and model.node is None and model.model_id in nodes:
-            model = model.model_copy(update={"node": nodes[model.model_id]})  # noqa: PLW2901
-        kept.add(model)
-    return kept
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ every problem with every model is gathered into one ConfigError before anything 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from deployer.checkpoint import read_model_files
@@ -45,8 +45,10 @@ def estimate_models(
     return estimates
 
 
-def demand_of(model: ModelConfig, estimate: MemoryEstimate) -> Demand:
-    """What the planner needs to know of one estimated model."""
+def demand_of(
+    model: ModelConfig, estimate: MemoryEstimate, gpus: tuple[int, ...] | None = None
+) -> Demand:
+    """What the planner needs to know of one estimated model (`gpus`: where it runs and stays)."""
     context = round(CUDA_CONTEXT_GIB * GIB)
     overhead = estimate.overhead_bytes_per_gpu
     return Demand(
@@ -58,6 +60,7 @@ def demand_of(model: ModelConfig, estimate: MemoryEstimate) -> Demand:
         bytes_per_gpu_by_tp=estimate.total_bytes_per_gpu_by_tp,
         kv_cache_bytes=estimate.kv_cache_bytes_per_gpu,
         outside_budget_bytes=min(context, context if overhead is None else overhead),
+        gpus=gpus,
     )
 
 
@@ -66,7 +69,11 @@ def plan_models(
     models: ModelManager,
     estimates: Sequence[MemoryEstimate],
     reserve_gib: float = DEFAULT_RESERVE_GIB,
+    kept_gpus: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Plan:
-    """Plan the estimated models onto the cluster."""
-    demands = [demand_of(m, e) for m, e in zip(models, estimates, strict=True)]
+    """Plan the estimated models onto the cluster; `kept_gpus`: engines that stay where they run."""
+    kept = kept_gpus or {}
+    demands = [
+        demand_of(m, e, kept.get(m.model_id)) for m, e in zip(models, estimates, strict=True)
+    ]
     return plan_placements(cluster, demands, reserve_gib=reserve_gib)

@@ -1,0 +1,151 @@
+"""Re-planning against what runs: kept engines stay on their node and GPUs, the rest is said."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deployer.cluster import Cluster, Gpu, Node
+from deployer.models_config import ModelManager, parse_models_config
+from deployer.redeploy import Deployed, Redeploy, models_document, replan
+from deployer.serve_config import NODE_LABEL
+from deployer.workflow import estimate_models
+
+pytestmark = pytest.mark.unit
+
+
+def node(name: str, gpus: int) -> Node:
+    return Node(
+        name=name,
+        gpus=[
+            Gpu(
+                index=i,
+                name="NVIDIA H100 80GB HBM3",
+                memory_total_mib=81_920,
+                memory_free_mib=81_920,
+            )
+            for i in range(gpus)
+        ],
+        labels={NODE_LABEL: name},
+    )
+
+
+CLUSTER = Cluster(nodes=[node("a", 4), node("b", 2)])
+
+
+def models(*lines: str) -> ModelManager:
+    return parse_models_config("models:\n" + "".join(f"  - {line}\n" for line in lines))
+
+
+def deploy(wanted: ModelManager, before: Deployed | None, cluster: Cluster = CLUSTER) -> Redeploy:
+    running = list(before.engines) if before else []
+    return replan(cluster, wanted, estimate_models(wanted), before, running, 0.0)
+
+
+def record(wanted: ModelManager, change: Redeploy) -> Deployed:
+    """What deploy writes after applying `change`."""
+    return Deployed(
+        models=models_document(wanted),
+        placements=[p.as_json() for p in change.plan.placements],
+        engines={s.model_id: dict(s.llm_config) for s in change.specs},
+    )
+
+
+def gpus(change: Redeploy) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {p.model_id: (p.node, p.gpus) for p in change.plan.placements}
+
+
+def test_first_deploy_starts_everything() -> None:
+    wanted = models("{model_id: x, gpu_memory_gib: 30}", "{model_id: y, gpu_memory_gib: 30}")
+    change = deploy(wanted, None)
+    assert [s.model_id for s in change.start] == [p.model_id for p in change.plan.placements]
+    assert change.stop == []
+    assert change.keep == []
+
+
+def test_adding_a_model_leaves_the_others_running_where_they_are() -> None:
+    first = models("{model_id: x, gpu_memory_gib: 70}", "{model_id: y, gpu_memory_gib: 70}")
+    before = deploy(first, None)
+    more = models(
+        "{model_id: x, gpu_memory_gib: 70}",
+        "{model_id: y, gpu_memory_gib: 70}",
+        "{model_id: pair, gpu_memory_gib: 60, tensor_parallel_size: 2}",
+    )
+    after = deploy(more, record(first, before))
+    assert sorted(after.keep) == ["x", "y"]
+    assert [s.model_id for s in after.start] == ["pair"]
+    assert after.stop == []
+    assert {m: gpus(after)[m] for m in ("x", "y")} == gpus(before)
+    held = {g for m in ("x", "y") for g in gpus(after)[m][1] if gpus(after)[m][0] == "a"}
+    pair_node, pair_gpus = gpus(after)["pair"]
+    assert pair_node != "a" or not held & set(pair_gpus)
+
+
+def test_removing_and_changing_models_stops_them_first() -> None:
+    first = models("{model_id: x, gpu_memory_gib: 70}", "{model_id: y, gpu_memory_gib: 70}")
+    before = deploy(first, None)
+    changed = models("{model_id: x, gpu_memory_gib: 70, max_num_seqs: 4}")
+    after = deploy(changed, record(first, before))
+    assert after.stop == ["x", "y"]
+    assert [s.model_id for s in after.start] == ["x"]
+    assert after.keep == []
+
+
+def test_a_neighbour_whose_share_changes_is_restarted_not_kept_in_place() -> None:
+    # x alone on a GPU gets its leftover as KV cache; a newcomer on that GPU takes part of it,
+    # so x's gpu_memory_utilization changes and x restarts: it is not held on its old GPU.
+    cluster = Cluster(nodes=[node("a", 1)])
+    first = models("{model_id: x, gpu_memory_gib: 30}")
+    before = deploy(first, None, cluster)
+    more = models("{model_id: x, gpu_memory_gib: 30}", "{model_id: z, gpu_memory_gib: 30}")
+    after = deploy(more, record(first, before), cluster)
+    assert after.keep == []
+    assert after.stop == ["x"]
+    assert sorted(s.model_id for s in after.start) == ["x", "z"]
+
+
+SIZES = st.sampled_from([5, 12, 20, 33, 45, 70])
+
+
+@st.composite
+def model_lists(draw: st.DrawFn, prefix: str) -> list[str]:
+    lines = []
+    for i in range(draw(st.integers(1, 5))):
+        tp = draw(st.sampled_from([1, 1, 1, 2]))
+        lines.append(
+            f"{{model_id: {prefix}{i}, gpu_memory_gib: {draw(SIZES)}, tensor_parallel_size: {tp}}}"
+        )
+    return lines
+
+
+@settings(max_examples=60, deadline=None)
+@given(model_lists("old"), model_lists("new"), st.data())
+def test_redeploys_keep_what_runs_and_never_overbook(
+    old: list[str], new: list[str], data: st.DataObject
+) -> None:
+    first = models(*old)
+    before = deploy(first, None)
+    kept_lines = data.draw(st.lists(st.sampled_from(old), unique=True))
+    wanted = models(*kept_lines, *new)
+    after = deploy(wanted, record(first, before))
+    was = gpus(before)
+    for model_id in after.keep:
+        assert gpus(after)[model_id] == was[model_id], "a kept engine moved"
+    placed = {p.model_id for p in after.plan.placements}
+    assert {s.model_id for s in after.start} | set(after.keep) == placed
+    assert not {s.model_id for s in after.start} & set(after.keep)
+    assert set(after.stop) <= set(was) - set(after.keep)
+    # What the GPUs carry once the change is applied: fractions and memory within each GPU.
+    share: dict[tuple[str, int], float] = defaultdict(float)
+    memory: dict[tuple[str, int], float] = defaultdict(float)
+    for p in after.plan.placements:
+        assert p.gpu_fraction is not None
+        assert p.gpu_memory_utilization is not None
+        for index in p.gpus:
+            share[(p.node, index)] += p.gpu_fraction
+            memory[(p.node, index)] += p.gpu_memory_utilization
+    assert all(v <= 1.0 + 1e-9 for v in share.values())
+    assert all(v <= 1.0 + 1e-9 for v in memory.values())
