@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-import click
 import typer
 from rich.console import Console
 
@@ -161,10 +160,9 @@ def deploy(
     http_host: HttpHostOption = "0.0.0.0",
     http_port: HttpPortOption = 8000,
     engine: Annotated[
-        str,
+        Literal["vllm", "standin"],
         typer.Option(
             "--engine",
-            click_type=click.Choice(["vllm", "standin"]),
             help="vllm serves the models; standin rehearses the launch on the same GPUs and "
             "bundles with a stand-in that serves nothing (dry runs, logical GPUs).",
         ),
@@ -182,7 +180,7 @@ def deploy(
         reserve_gib,
         http_host,
         http_port,
-        engine="standin" if engine == "standin" else "vllm",
+        engine=engine,
     )
     run_deploy(registry, options, console)
 
