@@ -1,7 +1,7 @@
 """`rackserve bootstrap`: run the rack's playbooks through ansible-runner, with live progress.
 
-The playbooks and roles live in the repository (playbooks/, roles/, ansible.cfg); this module
-finds them next to the package, runs `playbooks/<name>.yml` against an inventory, follows
+The playbooks and roles (playbooks/, roles/, ansible.cfg) ship in the wheel; this module finds
+them (`content_root`), runs `playbooks/<name>.yml` against an inventory, follows
 ansible-runner's events to show the hosts, the current task and ok/changed/failed counts as
 they happen, prints what `debug` tasks say (the deploy plan), and ends with a per-host summary.
 Failures name the host and the task.
@@ -13,6 +13,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import sysconfig
 import tempfile
 import time
 from collections import defaultdict
@@ -64,15 +65,21 @@ class BootstrapResult:
         return {host: counts.get("changed", 0) for host, counts in self.stats.items()}
 
 
-def repository_root() -> Path:
-    """Where playbooks/, roles/ and ansible.cfg are: next to the deployer package."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "playbooks" / "site.yml").is_file():
-        raise BootstrapError(
-            f"no playbooks next to the package ({root}): run rackserve bootstrap from a checkout "
-            "of the repository (pip install -e .)"
-        )
-    return root
+def content_root() -> Path:
+    """Where site.yml, playbooks/, roles/ and ansible.cfg are.
+
+    In a checkout, next to the package (so edits to the roles take effect at once); in an
+    installed wheel, `<prefix>/share/rackserve`, where the wheel puts them (setup.py).
+    """
+    checkout = Path(__file__).resolve().parents[1]
+    installed = Path(sysconfig.get_path("data")) / "share" / "rackserve"
+    for root in (checkout, installed):
+        if (root / "playbooks" / "site.yml").is_file():
+            return root
+    raise BootstrapError(
+        f"the playbooks are neither next to the package ({checkout}) nor in {installed}: "
+        "reinstall rackserve from its wheel, or run from a checkout (pip install -e .)"
+    )
 
 
 def parse_extravars(pairs: Sequence[str]) -> dict[str, Any]:
@@ -206,10 +213,12 @@ def run_playbook(
     *,
     tags: str | None = None,
     skip_tags: str | None = None,
+    syntax_check: bool = False,
 ) -> BootstrapResult:
     """Run playbooks/<playbook>.yml against the inventory, showing progress on `console`.
 
     `tags` / `skip_tags` (comma-separated) are ansible-playbook's: the roles' steps.
+    `syntax_check` only parses the playbook and its roles (ansible-playbook --syntax-check).
     """
     if playbook not in PLAYBOOKS:
         raise ConfigError(f"unknown playbook {playbook!r} (choose from {', '.join(PLAYBOOKS)})")
@@ -221,7 +230,7 @@ def run_playbook(
         raise BootstrapError(
             "ansible-runner is not installed: pip install -e '.[bootstrap]'"
         ) from None
-    root = repository_root()
+    root = content_root()
     beside = Path(sys.executable).with_name("ansible-playbook")  # a venv not on PATH
     binary = str(beside) if beside.exists() else shutil.which("ansible-playbook")
     if binary is None:
@@ -239,7 +248,12 @@ def run_playbook(
             limit=limit,
             tags=tags,
             skip_tags=skip_tags,
-            cmdline="--check" if check else None,
+            cmdline=" ".join(
+                flag
+                for flag, wanted in (("--check", check), ("--syntax-check", syntax_check))
+                if wanted
+            )
+            or None,
             envvars={
                 "ANSIBLE_CONFIG": str(root / "ansible.cfg"),
                 "ANSIBLE_NOCOLOR": "1",
@@ -261,6 +275,9 @@ def run_playbook(
         elapsed_s=time.monotonic() - started,
         status=status,
     )
+    if syntax_check:
+        console.print(f"syntax OK: playbooks/{playbook}.yml and its roles", highlight=False)
+        return result
     console.print(summary_table(result))
     for failure in result.failures:
         console.print(

@@ -216,6 +216,10 @@ def bootstrap(
     check: Annotated[
         bool, typer.Option("--check", help="Report what would change; change nothing.")
     ] = False,
+    syntax_check: Annotated[
+        bool,
+        typer.Option("--syntax-check", help="Only parse the playbook and roles; reach no host."),
+    ] = False,
     extra_vars: Annotated[
         list[str] | None,
         typer.Option("--extra-vars", "-e", help="KEY=VALUE (YAML value) or @FILE; repeatable."),
@@ -240,6 +244,7 @@ def bootstrap(
         console,
         tags=tags,
         skip_tags=skip_tags,
+        syntax_check=syntax_check,
     )
     if not result.ok:
         raise typer.Exit(ExitCode.FAILURE)
