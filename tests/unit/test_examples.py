@@ -60,3 +60,11 @@ def test_readme_documents_every_model_field() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in ModelConfig.model_fields if f"| `{name}` |" not in readme]
     assert not missing, f"README's models configuration table lacks {missing}"
+
+
+def test_example_model_configs_are_real_files_matching_the_test_data() -> None:
+    # The examples ship on their own (no links into tests/), and stay what the tests check.
+    for config in sorted((ROOT / "examples" / "models").glob("*/config.json")):
+        assert not config.is_symlink(), config
+        twin = ROOT / "tests" / "data" / "hf_configs" / f"{config.parent.name}.json"
+        assert json.loads(config.read_text()) == json.loads(twin.read_text()), config
