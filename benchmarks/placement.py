@@ -5,7 +5,9 @@
 (b) rack scale (2,000 models, 1,000 nodes x 8 GPUs): GPUs used against a lower bound, and the
     wall time of `plan_placements`;
 (c) the same instance against first-fit decreasing and against one whole GPU per rank (what Ray
-    does without memory awareness).
+    does without memory awareness);
+(d) `rackserve plan` end to end (start, read the files, plan, print) on that rack's cluster and
+    models files against the README's 9-GPU example, as a ratio of wall times.
 
 Run with `nox -s bench`; the figures go in the README.
 """
@@ -13,14 +15,20 @@ Run with `nox -s bench`; the figures go in the README.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+import yaml
 from ortools.sat.python import cp_model
 
-from deployer.cluster import GIB, Cluster, Gpu, Node
+from deployer.cluster import GIB, Cluster, Gpu, Node, dump_cluster
 from deployer.packing import CAPACITY, PackItem, PackNode, lower_bound
 from deployer.placement import Demand, Plan, packing_problem, plan_placements
 
@@ -272,6 +280,62 @@ def rack_scale(models: int, nodes: int, seed: int, repeats: int) -> None:
     )
 
 
+def command_line(models: int, nodes: int, seed: int, repeats: int) -> None:
+    """Wall time of `rackserve plan` on files: the rack-scale case against the README example."""
+    rng = random.Random(seed)
+    cluster = Cluster(nodes=[gpu_node(f"gpu-{n:04d}", 8) for n in range(nodes)])
+    demands = random_demands(rng, models)
+    entries = [
+        {
+            "model_id": d.model_id,
+            "tensor_parallel_size": d.tensor_parallel_size,
+            "gpu_memory_gib": round(d.bytes_per_gpu / GIB, 3),
+        }
+        for d in demands
+    ]
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="rackserve-bench-") as tmp:
+        big_cluster, big_models = Path(tmp, "cluster.yaml"), Path(tmp, "models.yaml")
+        big_cluster.write_text(dump_cluster(cluster))
+        big_models.write_text(yaml.safe_dump({"models": entries}, sort_keys=False))
+        cases = {
+            "README example (9 GPUs, 6 models)": (
+                root / "examples" / "cluster.yaml",
+                root / "examples" / "models.yaml",
+            ),
+            f"rack ({nodes * 8} GPUs, {models} models)": (big_cluster, big_models),
+        }
+        medians = {}
+        for name, (cluster_file, models_file) in cases.items():
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "deployer",
+                        "plan",
+                        "-c",
+                        str(cluster_file),
+                        "-m",
+                        str(models_file),
+                    ],
+                    cwd=root,
+                    env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=False,  # exit 3 (some model does not fit) is an answer
+                )
+                times.append(time.perf_counter() - start)
+            medians[name] = statistics.median(times)
+    print(f"(d) `rackserve plan` end to end, median of {repeats} runs:")
+    for name, seconds in medians.items():
+        print(f"    {name:40} {seconds:6.2f} s")
+    small, big = medians.values()
+    print(f"    ratio rack / example: {big / small:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -285,6 +349,8 @@ def main() -> None:
     args = parser.parse_args()
     small_instances(args.small, args.seed, args.cp_sat_seconds)
     rack_scale(args.models, args.nodes, args.seed, args.repeats)
+    # A models file holds at most 1,000 models (README, "Input limits").
+    command_line(min(args.models, 1000), args.nodes, args.seed, args.repeats)
 
 
 if __name__ == "__main__":
