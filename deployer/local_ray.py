@@ -2,10 +2,11 @@
 
 For the quickstart, the end-to-end tests and the benchmarks: `ray start --block` processes
 that this module starts and stops itself. The head listens on 127.0.0.2 and the worker on
-127.0.0.3 (Ray rewrites 127.0.0.1 to the machine's external address), each with its own temp dir
-and the label `rackserve/node=<name>`. Each `ray start` runs in a session of its own, so the
-stop finds exactly the processes it started, by PID, and never calls `ray stop` (which would
-stop every Ray on the machine).
+127.0.0.3 (Ray rewrites 127.0.0.1 to the machine's external address), extra workers on
+127.0.0.4 and up, each with its own temp dir and the label `rackserve/node=<name>`; workers may
+get extra `ray start` arguments (`--num-gpus=4` declares logical GPUs for rehearsals). Each
+`ray start` runs in a session of its own, so the stop finds exactly the processes it started,
+by PID, and never calls `ray stop` (which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from deployer.errors import RackserveError
 
 HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"
+EXTRA_WORKER_IPS = tuple(f"127.0.0.{host}" for host in range(4, 255))
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 # Ray's sockets live at <temp dir>/session_<date>_<pid>/sockets/plasma_store: about 60
@@ -43,6 +45,14 @@ class RayNode:
     temp_dir: Path
     log: Path
     process: subprocess.Popen[bytes]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A worker to start: its `rackserve/node` name and extra `ray start` arguments."""
+
+    name: str
+    args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,12 +175,25 @@ def _wait_nodes_alive(address: str, count: int, env: dict[str, str], timeout_s: 
 
 @contextlib.contextmanager
 def start_ray_cluster(
-    base_dir: Path, names: tuple[str, str] = ("head", "worker")
+    base_dir: Path,
+    names: tuple[str, str] = ("head", "worker"),
+    *,
+    worker_args: Sequence[str] = (),
+    extra_workers: Sequence[WorkerSpec] = (),
 ) -> Iterator[RayCluster]:
-    """Start a head and a worker on loopback addresses; stop both (by PID) on exit."""
+    """Start a head and a worker on loopback addresses; stop them all (by PID) on exit.
+
+    `worker_args` go to the worker's `ray start` (after the defaults, so they win: click keeps
+    an option's last value); `extra_workers` start on 127.0.0.4, 127.0.0.5, ... in turn.
+    """
+    if len(extra_workers) > len(EXTRA_WORKER_IPS):
+        raise LocalRayError(f"at most {len(EXTRA_WORKER_IPS)} extra workers fit on loopback")
     env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS"}}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # Ray 2.60 drains 30 s on SIGTERM
+    # `ray start --head` turns token auth on when ~/.ray/auth_token exists (a plain `ray.init()`
+    # writes one), while drivers given an address never do: they would then be refused.
+    env["RAY_AUTH_MODE"] = "disabled"
     port, client_port = _free_port(HEAD_IP), _free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
     nodes: list[RayNode] = []
@@ -189,9 +212,13 @@ def start_ray_cluster(
         )
         nodes.append(head)
         _wait_started(head, time.monotonic() + START_TIMEOUT_S)
-        worker = _start([f"--address={address}"], names[1], WORKER_IP, base_dir / names[1], env)
-        nodes.append(worker)
-        _wait_started(worker, time.monotonic() + START_TIMEOUT_S)
+        workers = [WorkerSpec(names[1], tuple(worker_args)), *extra_workers]
+        for spec, ip in zip(workers, (WORKER_IP, *EXTRA_WORKER_IPS), strict=False):
+            worker = _start(
+                [f"--address={address}", *spec.args], spec.name, ip, base_dir / spec.name, env
+            )
+            nodes.append(worker)
+            _wait_started(worker, time.monotonic() + START_TIMEOUT_S)
         _wait_nodes_alive(address, len(nodes), env, START_TIMEOUT_S)
         yield RayCluster(
             address=address, client_address=f"ray://{HEAD_IP}:{client_port}", nodes=tuple(nodes)
