@@ -1,14 +1,19 @@
 """What a model's `config.json` says about its memory: layers, heads, experts, parameters.
 
 Pure: a config.json mapping in, an `Architecture` out. Field names follow Hugging Face
-transformers (Llama, Qwen2/3, Mistral/Mixtral, DeepSeek V2/V3 and their kin).
+transformers (Llama, Qwen2/3, Mistral/Mixtral, DeepSeek V2/V3 and their kin). Every number read
+is checked against bounds that make physical sense (`_LIMITS`): a config.json with 10^10 layers
+or -80 of them is refused with the key named, never estimated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
+
+from deployer.errors import shown
 
 # config.json keys that bound the context length, as vLLM reads them
 # (vllm/config/model.py, _get_and_verify_max_len).
@@ -24,6 +29,42 @@ _MAX_LEN_KEYS = (
 )
 # Rope scalings that vLLM does not multiply into the maximum length.
 _ROPE_TYPES_NOT_SCALING_LEN = {"su", "longrope", "llama3", "mrope", "default"}
+_MAX_LEN = 2**32
+# Inclusive bounds of the integers read from config.json, by key (default: 0 to 2^20).
+_LIMITS: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": (1, 4096),
+    "n_layer": (1, 4096),
+    "num_layers": (1, 4096),
+    "num_attention_heads": (1, 65_536),
+    "n_head": (1, 65_536),
+    "num_key_value_heads": (1, 65_536),
+    "num_kv_heads": (1, 65_536),
+    "n_head_kv": (1, 65_536),
+    "hidden_size": (1, 2**20),
+    "n_embd": (1, 2**20),
+    "d_model": (1, 2**20),
+    "vocab_size": (1, 2**26),
+    "original_max_position_embeddings": (1, _MAX_LEN),
+    "first_k_dense_replace": (0, 4096),
+    "moe_layer_freq": (1, 4096),
+    "decoder_sparse_step": (1, 4096),
+    "n_routed_experts": (0, 65_536),
+    "num_local_experts": (0, 65_536),
+    "num_experts": (0, 65_536),
+    "n_shared_experts": (0, 65_536),
+    **dict.fromkeys(
+        (
+            "intermediate_size",
+            "n_inner",
+            "ffn_dim",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+        ),
+        (0, 2**24),
+    ),
+}
+_DEFAULT_LIMITS = (0, 2**20)
+_MAX_ROPE_FACTOR = 1024.0
 # Model families whose MLP is not gated (two matrices, not three).
 _UNGATED_MLP_TYPES = {"gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "starcoder2"}
 
@@ -93,11 +134,22 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return config
 
 
+def _bounded(key: str, value: int) -> int:
+    low, high = _LIMITS.get(key, _DEFAULT_LIMITS)
+    if not low <= value <= high:
+        raise ArchitectureError(
+            f"config.json's {key} is {shown(value)}, outside {low} to {high:,}; the file is "
+            "damaged or not a model's config"
+        )
+    return value
+
+
 def _int(config: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
+    """The first of `keys` that holds an integer, within its bounds (`_LIMITS`)."""
     for key in keys:
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _bounded(key, value)
     if default is not None:
         return default
     raise ArchitectureError(f"config.json has no integer {' or '.join(keys)}")
@@ -106,19 +158,36 @@ def _int(config: Mapping[str, Any], *keys: str, default: int | None = None) -> i
 def derived_max_model_len(config: Mapping[str, Any]) -> int | None:
     """The longest context vLLM accepts for this config (before any override)."""
     config = _text_config(config)
-    lengths = [config[k] for k in _MAX_LEN_KEYS if isinstance(config.get(k), int) and config[k] > 0]
+    lengths = [
+        config[k]
+        for k in _MAX_LEN_KEYS
+        if isinstance(config.get(k), int) and not isinstance(config[k], bool) and config[k] > 0
+    ]
     if not lengths:
         return None
-    length = int(min(lengths))
+    length = min(lengths)
+    if length > _MAX_LEN:
+        raise ArchitectureError(
+            f"config.json's maximum context length {shown(length)} is beyond {_MAX_LEN:,} tokens"
+        )
     rope = config.get("rope_scaling")
     if isinstance(rope, Mapping):
         kind = rope.get("rope_type", rope.get("type"))
         factor = rope.get("factor")
-        if kind not in _ROPE_TYPES_NOT_SCALING_LEN and isinstance(factor, int | float):
+        if (
+            kind not in _ROPE_TYPES_NOT_SCALING_LEN
+            and isinstance(factor, int | float)
+            and not isinstance(factor, bool)
+        ):
+            if not (math.isfinite(factor) and 0 < factor <= _MAX_ROPE_FACTOR):
+                raise ArchitectureError(
+                    f"config.json's rope_scaling.factor is {shown(factor)}, not a number "
+                    f"above 0 and at most {_MAX_ROPE_FACTOR:g}"
+                )
             if "original_max_position_embeddings" in rope:
-                length = int(rope["original_max_position_embeddings"])
+                length = _int(rope, "original_max_position_embeddings")
             length = int(length * factor)
-    return length
+    return int(length)
 
 
 def _quantization(config: Mapping[str, Any]) -> tuple[str | None, float | None]:
@@ -127,9 +196,15 @@ def _quantization(config: Mapping[str, Any]) -> tuple[str | None, float | None]:
         return None, None
     method = quant.get("quant_method")
     bits = quant.get("bits", quant.get("w_bit"))
+    if not isinstance(bits, int | float) or isinstance(bits, bool):
+        bits = None
+    elif not (math.isfinite(bits) and 1 <= bits <= 64):
+        raise ArchitectureError(
+            f"config.json's quantization_config bits is {shown(bits)}, not 1 to 64"
+        )
     return (
-        str(method) if method is not None else None,
-        float(bits) if isinstance(bits, int | float) else None,
+        str(method)[:100] if method is not None else None,
+        float(bits) if bits is not None else None,
     )
 
 
@@ -149,10 +224,13 @@ def _moe(
         moe_layers = sum(1 for i in range(first, num_layers) if i % freq == 0)
     elif "decoder_sparse_step" in config or "mlp_only_layers" in config:  # Qwen MoE
         step = max(1, _int(config, "decoder_sparse_step", default=1))
-        dense_only = set(config.get("mlp_only_layers") or [])
-        moe_layers = sum(
-            1 for i in range(num_layers) if i not in dense_only and (i + 1) % step == 0
-        )
+        dense_only = config.get("mlp_only_layers") or []
+        if not isinstance(dense_only, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in dense_only
+        ):
+            raise ArchitectureError("config.json's mlp_only_layers is not a list of integers")
+        dense = set(dense_only)
+        moe_layers = sum(1 for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
     else:  # Mixtral and kin: every layer
         moe_layers = num_layers
     return experts, expert_inter, shared, moe_layers
@@ -168,15 +246,16 @@ def parse_architecture(config: Mapping[str, Any]) -> Architecture:
     if heads <= 0 or kv_heads <= 0:
         raise ArchitectureError("config.json has no positive num_attention_heads")
     head_dim = config.get("head_dim")
-    if not isinstance(head_dim, int) or head_dim <= 0:
-        head_dim = hidden // heads
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+        head_dim = max(1, hidden // heads)
+    head_dim = _bounded("head_dim", head_dim)
     intermediate = _int(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
     experts, expert_inter, shared_inter, moe_layers = _moe(config, num_layers, intermediate)
     quant_method, quant_bits = _quantization(config)
     dtype = config.get("torch_dtype", config.get("dtype"))
-    kv_lora_rank = config.get("kv_lora_rank")
-    is_mla = isinstance(kv_lora_rank, int) and kv_lora_rank > 0
-    model_type = str(config.get("model_type", "unknown"))
+    kv_lora_rank = _int(config, "kv_lora_rank", default=0)
+    is_mla = kv_lora_rank > 0
+    model_type = str(config.get("model_type", "unknown"))[:100]
     return Architecture(
         model_type=model_type,
         num_layers=num_layers,
@@ -187,7 +266,7 @@ def parse_architecture(config: Mapping[str, Any]) -> Architecture:
         vocab_size=_int(config, "vocab_size"),
         intermediate_size=intermediate,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        torch_dtype=str(dtype) if dtype is not None else None,
+        torch_dtype=str(dtype)[:100] if dtype is not None else None,
         max_model_len=derived_max_model_len(config),
         gated_mlp=model_type not in _UNGATED_MLP_TYPES,
         attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),

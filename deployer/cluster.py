@@ -1,7 +1,8 @@
 """The cluster description: nodes, their GPUs and memory.
 
 `rackserve probe` writes this schema and `rackserve plan --cluster` reads it, so a cluster can be
-probed once on the rack and planned against anywhere.
+probed once on the rack and planned against anywhere. Numbers are strict (81559, not "81559")
+and bounded (`MAX_NODES`, `MAX_GPUS_PER_NODE`, `MAX_MEMORY_MIB`), as in the models file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deployer.documents import decode_document, duplicates, read_input_file
-from deployer.errors import ConfigError
+from deployer.errors import ConfigError, printable, shown
+from deployer.models_config import Name
 
 MIB = 1024**2
 GIB = 1024**3
@@ -21,18 +23,31 @@ GIB = 1024**3
 NODE_LABEL = "rackserve/node"
 """Ray node label naming a node (`ray start --labels rackserve/node=NAME`); models pin to it."""
 
+MAX_NODES = 4096
+MAX_GPUS_PER_NODE = 64
+MAX_MEMORY_MIB = 2**26
+"""64 TiB: more than any GPU or node has."""
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
 
 class Gpu(BaseModel):
     """One GPU of a node, as NVML reports it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
-    index: int = Field(ge=0, description="NVML device index on the node.")
-    name: str = Field(default="", description="Product name, e.g. 'NVIDIA H100 80GB HBM3'.")
-    memory_total_mib: int = Field(gt=0, description="Total device memory in MiB.")
-    memory_free_mib: int = Field(ge=0, description="Free device memory in MiB when probed.")
-    memory_used_mib: int | None = Field(default=None, ge=0, description="Used memory in MiB.")
-    uuid: str | None = Field(default=None, description="NVML uuid, e.g. 'GPU-…'.")
+    index: int = Field(ge=0, lt=MAX_GPUS_PER_NODE, description="NVML device index on the node.")
+    name: str = Field(
+        default="", max_length=256, description="Product name, e.g. 'NVIDIA H100 80GB HBM3'."
+    )
+    memory_total_mib: int = Field(gt=0, le=MAX_MEMORY_MIB, description="Total memory in MiB.")
+    memory_free_mib: int = Field(
+        ge=0, le=MAX_MEMORY_MIB, description="Free device memory in MiB when probed."
+    )
+    memory_used_mib: int | None = Field(
+        default=None, ge=0, le=MAX_MEMORY_MIB, description="Used memory in MiB."
+    )
+    uuid: str | None = Field(default=None, max_length=256, description="NVML uuid, e.g. 'GPU-…'.")
 
     @model_validator(mode="after")
     def _free_within_total(self) -> Gpu:
@@ -47,17 +62,28 @@ class Gpu(BaseModel):
 class Node(BaseModel):
     """One node: its GPUs, or, for a node without GPUs, the memory a CPU engine may use."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
-    name: str = Field(min_length=1, description="Node name; models pin to it with `node:`.")
-    gpus: list[Gpu] = Field(default_factory=list, description="The node's NVIDIA GPUs.")
-    cpu_memory_mib: int | None = Field(
-        default=None, ge=0, description="Memory available to CPU engines, in MiB."
+    name: Name = Field(description="Node name; models pin to it with `node:`.")
+    gpus: list[Gpu] = Field(
+        default_factory=list, max_length=MAX_GPUS_PER_NODE, description="The node's NVIDIA GPUs."
     )
-    driver_version: str | None = Field(default=None, description="NVIDIA driver version.")
-    ray_node_id: str | None = Field(default=None, description="Ray node id (hex).")
-    ip: str | None = Field(default=None, description="The node's address in the Ray cluster.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels.")
+    cpu_memory_mib: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_MEMORY_MIB,
+        description="Memory available to CPU engines, in MiB.",
+    )
+    driver_version: str | None = Field(
+        default=None, max_length=256, description="NVIDIA driver version."
+    )
+    ray_node_id: str | None = Field(default=None, max_length=256, description="Ray node id (hex).")
+    ip: str | None = Field(
+        default=None, max_length=256, description="The node's address in the Ray cluster."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, max_length=256, description="Ray node labels."
+    )
 
     @model_validator(mode="after")
     def _distinct_gpu_indices(self) -> Node:
@@ -75,9 +101,11 @@ class Node(BaseModel):
 class Cluster(BaseModel):
     """All nodes of a cluster."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
-    nodes: list[Node] = Field(min_length=1, description="The nodes, in a stable order.")
+    nodes: list[Node] = Field(
+        min_length=1, max_length=MAX_NODES, description="The nodes, in a stable order."
+    )
 
     @model_validator(mode="after")
     def _distinct_node_names(self) -> Cluster:
@@ -106,10 +134,10 @@ def _where(loc: tuple[int | str, ...], document: Any) -> str:
             if isinstance(current, list) and part < len(current):
                 current = current[part]
                 if isinstance(current, dict) and isinstance(current.get("name"), str):
-                    label += f" (name {current['name']!r})"
+                    label += f" (name {shown(current['name'])})"
             parts.append(label)
         else:
-            parts.append(("." if parts else "") + part)
+            parts.append(("." if parts else "") + printable(str(part))[:80])
             current = current.get(part) if isinstance(current, dict) else None
     return "".join(parts) or "(cluster)"
 
@@ -133,13 +161,15 @@ def parse_cluster(text: str, source: str = "cluster") -> Cluster:
             elif err["type"] == "missing":
                 problems.append(f"{where}: is required")
             else:
-                problems.append(f"{where}: {message}")
+                got = err["input"]
+                value = "" if isinstance(got, dict | list) else f" (got {shown(got)})"
+                problems.append(f"{where}: {message}{value}")
         raise ConfigError(problems, source=source) from None
 
 
 def load_cluster(path: Path) -> Cluster:
     """Read and parse a cluster file."""
-    return parse_cluster(read_input_file(path, "--cluster"), source=str(path))
+    return parse_cluster(read_input_file(path, "--cluster"), source=f"--cluster {path}")
 
 
 def dump_cluster(cluster: Cluster) -> str:

@@ -295,6 +295,11 @@ def estimate_memory(
         if check_tensor_parallel(arch, size) is None
     }
     weights, per_token, total = footprint(tp)
+    if weights <= 0 or per_token <= 0:
+        raise EstimateError(
+            "config.json and the checkpoint give no weights or no KV cache; "
+            "set gpu_memory_gib to give the footprint by hand"
+        )
     return MemoryEstimate(
         model_id=model.model_id,
         tensor_parallel_size=tp,

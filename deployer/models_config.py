@@ -1,7 +1,11 @@
 """The models configuration: which models to serve and how, from a file or the environment.
 
 Pure parsing lives here (`parse_models_config`, `ModelConfig`, `ModelManager`); reading a file
-or the environment is the one side effect, in `load_models`.
+or the environment, and resolving relative `model_source` directories against the directory
+of the file that names them, are the side effects, in `load_models`.
+
+Every field has bounds that make physical sense (`LIMITS` below, listed in the README): a
+value outside them is bad input, never a silently absurd estimate.
 """
 
 from __future__ import annotations
@@ -9,14 +13,15 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deployer.documents import decode_document, read_input_file
-from deployer.errors import ConfigError
+from deployer.documents import decode_document, environment_text, read_input_file
+from deployer.errors import ConfigError, printable, shown
 
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16"]
 Dtype = Literal["auto", "bfloat16", "float16", "half", "float32", "float"]
@@ -32,35 +37,63 @@ _ENGINE_KWARGS_OWNED = {
 }
 _ENGINE_KWARGS_FORBIDDEN = {"model", "served_model_name"}
 
+MAX_MODELS = 1000
+"""Most models in one configuration."""
+MAX_TENSOR_PARALLEL = 64
+MAX_MODEL_LEN = 2**32
+MAX_NUM_SEQS = 1_000_000
+MAX_GIB = 65_536.0
+"""Largest per-GPU footprint or overhead in GiB (64 TiB: beyond every accelerator)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Ray Serve's own rule for route prefixes, plus no control characters or spaces.
+_ROUTE_PREFIX = re.compile(r"/[^\s{}\x00-\x1f\x7f]*")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (tabs, newlines, escapes)")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_no_control_characters)]
+"""A name or identifier: 1 to 256 characters, no control characters."""
+Path_ = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_control_characters)]
+"""A local path or hub repo id: 1 to 4096 characters, no control characters."""
+
 
 class ModelConfig(BaseModel):
     """One model to serve: where it comes from, how it is sharded, and how vLLM runs it."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
-    model_id: str = Field(
-        min_length=1,
+    model_id: Name = Field(
         description="Name clients use in requests and `/v1/models`; unique in the list.",
     )
-    model_source: str | None = Field(
+    model_source: Path_ | None = Field(
         default=None,
         description="Hugging Face repo id or local checkpoint directory (default: model_id).",
     )
     tensor_parallel_size: int = Field(
-        default=1, ge=1, description="GPUs per replica, all on one node; must divide the heads."
+        default=1,
+        ge=1,
+        le=MAX_TENSOR_PARALLEL,
+        description="GPUs per replica, all on one node; must divide the heads.",
     )
     max_model_len: int | None = Field(
         default=None,
         gt=0,
+        le=MAX_MODEL_LEN,
         description="Longest sequence in tokens (default: the model's max_position_embeddings).",
     )
     max_num_seqs: int | None = Field(
         default=None,
         gt=0,
+        le=MAX_NUM_SEQS,
         description="Concurrent sequences the KV cache is sized for (default: 1 full sequence).",
     )
     dtype: Dtype = Field(default="auto", description="Weights and activations dtype.")
-    quantization: str | None = Field(
+    quantization: Name | None = Field(
         default=None, description="vLLM quantization method, e.g. fp8, awq, gptq (default: none)."
     )
     kv_cache_dtype: KvCacheDtype = Field(
@@ -69,24 +102,25 @@ class ModelConfig(BaseModel):
     gpu_memory_gib: float | None = Field(
         default=None,
         gt=0,
+        le=MAX_GIB,
         description="The model's whole footprint per GPU in GiB, given by hand; skips estimation.",
     )
     overhead_gib: float | None = Field(
         default=None,
         ge=0,
+        le=MAX_GIB,
         description="Per-GPU engine overhead (activations, CUDA graphs, CUDA context) in GiB.",
     )
-    accelerator_type: str | None = Field(
+    accelerator_type: Name | None = Field(
         default=None,
-        min_length=1,
         description="Only GPUs whose name contains this, e.g. H100 or A100 (default: any).",
     )
     route_prefix: str | None = Field(
-        default=None, description="HTTP route prefix of the application (Ray Serve)."
+        default=None,
+        max_length=256,
+        description="HTTP route prefix of the application (Ray Serve); one for all models.",
     )
-    node: str | None = Field(
-        default=None, min_length=1, description="Pin the model to this node (by name)."
-    )
+    node: Name | None = Field(default=None, description="Pin the model to this node (by name).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed to vLLM's engine unchanged."
     )
@@ -101,8 +135,14 @@ class ModelConfig(BaseModel):
     @field_validator("route_prefix")
     @classmethod
     def _route_prefix_is_a_path(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("/"):
-            raise ValueError(f"must start with '/' (got {value!r})")
+        if value is None:
+            return value
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        if not _ROUTE_PREFIX.fullmatch(value):
+            raise ValueError("must not contain spaces, control characters, '{' or '}'")
+        if value != "/" and value.endswith("/"):
+            raise ValueError("must not end with '/' (except '/' itself)")
         return value
 
     @field_validator("engine_kwargs")
@@ -172,22 +212,31 @@ class ModelManager:
 
 def _describe_error(error: Mapping[str, Any]) -> str:
     """One pydantic error as 'field: what is wrong (got X)'."""
-    loc = ".".join(str(part) for part in error["loc"]) or "(model)"
+    loc = printable(".".join(str(part) for part in error["loc"]))[:120] or "(model)"
     kind = error["type"]
     if kind == "extra_forbidden":
-        field = str(error["loc"][0])
-        close = difflib.get_close_matches(field, _field_names(), n=1)
+        field = error["loc"][0]
+        close = difflib.get_close_matches(str(field), _field_names(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown field {field!r}{hint} (known fields: {', '.join(_field_names())})"
+        return f"unknown field {shown(field)}{hint} (known fields: {', '.join(_field_names())})"
     if kind == "missing":
         return f"{loc}: is required"
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{loc}: {message} (got {error['input']!r})"
+    return f"{loc}: {message} (got {shown(error['input'])})"
 
 
 def _model_label(index: int, raw: object) -> str:
     model_id = raw.get("model_id") if isinstance(raw, dict) else None
-    return f"models[{index}] (id {model_id!r})" if isinstance(model_id, str) else f"models[{index}]"
+    return (
+        f"models[{index}] (id {shown(model_id)})"
+        if isinstance(model_id, str)
+        else f"models[{index}]"
+    )
+
+
+def _keys(document: Mapping[Any, Any]) -> str:
+    keys = [shown(key) for key in list(document)[:5]]
+    return ", ".join(keys) + (", ..." if len(document) > 5 else "")
 
 
 def parse_models_config(text: str, source: str = "models config") -> ModelManager:
@@ -195,22 +244,21 @@ def parse_models_config(text: str, source: str = "models config") -> ModelManage
 
     Accepts a mapping with a top-level `models:` list, or the list itself (the form of the
     `MODELS_CONFIG` environment variable). Every problem in every model is reported at once,
-    each naming the model (index and id) and the field.
+    each naming the model (index and id) and the field. Models that set `route_prefix` must
+    all set the same one: it is one setting of the application that serves them all.
     """
-    if not text.strip():
-        raise ConfigError("it is empty; expected a list of models", source=source)
     document = decode_document(text, source)
     if isinstance(document, dict):
         if "models" not in document:
             raise ConfigError(
-                f"expected a top-level key 'models' holding a list (found keys: "
-                f"{', '.join(map(str, document)) or 'none'})",
+                "expected a top-level key 'models' holding a list (found keys: "
+                f"{_keys(document) or 'none'})",
                 source=source,
             )
-        unknown = sorted(set(map(str, document)) - {"models"})
+        unknown = {key: None for key in document if key != "models"}
         if unknown:
             raise ConfigError(
-                f"unknown top-level keys {unknown}; only 'models' is read", source=source
+                f"unknown top-level keys {_keys(unknown)}; only 'models' is read", source=source
             )
         document = document["models"]
     if not isinstance(document, list):
@@ -219,6 +267,10 @@ def parse_models_config(text: str, source: str = "models config") -> ModelManage
         )
     if not document:
         raise ConfigError("the list of models is empty", source=source)
+    if len(document) > MAX_MODELS:
+        raise ConfigError(
+            f"{len(document)} models; the limit is {MAX_MODELS} per configuration", source=source
+        )
 
     problems: list[str] = []
     models: list[ModelConfig] = []
@@ -240,32 +292,47 @@ def parse_models_config(text: str, source: str = "models config") -> ModelManage
             models.append(ModelConfig.model_validate(raw))
         except ValidationError as exc:
             problems.extend(f"{label}: {_describe_error(err)}" for err in exc.errors())
+    problems.extend(_route_prefix_problems(models))
     if problems:
         raise ConfigError(problems, source=source)
     return ModelManager(models)
+
+
+def _route_prefix_problems(models: list[ModelConfig]) -> list[str]:
+    """route_prefix is one setting of the application: the models that set it must agree."""
+    first: dict[str, str] = {}
+    for model in models:
+        if model.route_prefix is not None:
+            first.setdefault(model.route_prefix, model.model_id)
+    if len(first) <= 1:
+        return []
+    given = ", ".join(f"{shown(prefix)} (id {shown(mid)})" for prefix, mid in first.items())
+    return [
+        f"route_prefix: the models ask for different values ({given}); all models are served "
+        "by one application under one route prefix: give them one route_prefix, or none"
+    ]
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int | None:
     value = environ.get(name)
     if value is None or value == "":
         return None
-    try:
-        number = int(value)
-    except ValueError:
+    if not re.fullmatch(r"\+?[0-9]{1,12}", value.strip()):
         raise ConfigError(
-            f"{name} must be an integer (got {value!r})", source="environment"
-        ) from None
-    return number
+            f"{name} must be a positive integer (got {shown(value)})", source="environment"
+        )
+    return int(value)
 
 
 def models_from_environment(environ: Mapping[str, str]) -> ModelManager | None:
     """`MODELS_CONFIG` (a JSON list), else single-model mode from `MODEL_ID`; None if neither."""
     if environ.get("MODELS_CONFIG"):
-        return parse_models_config(environ["MODELS_CONFIG"], source="MODELS_CONFIG")
+        text = environment_text("MODELS_CONFIG", environ["MODELS_CONFIG"])
+        return parse_models_config(text, source="MODELS_CONFIG")
     model_id = environ.get("MODEL_ID")
     if not model_id:
         return None
-    raw: dict[str, Any] = {"model_id": model_id}
+    raw: dict[str, Any] = {"model_id": environment_text("MODEL_ID", model_id)}
     for name, field in (
         ("TENSOR_PARALLEL_SIZE", "tensor_parallel_size"),
         ("MAX_MODEL_LEN", "max_model_len"),
@@ -276,15 +343,48 @@ def models_from_environment(environ: Mapping[str, str]) -> ModelManager | None:
     return parse_models_config(json.dumps([raw]), source="MODEL_ID environment")
 
 
+def local_directory(source: str, base: Path) -> Path | None:
+    """The local directory a relative model source names, read from `base`; else None.
+
+    `./dir` and `../dir` are paths whatever exists; `org/name` is a directory if `base/org/name`
+    is one, else a Hugging Face repo id. Absolute and `~` paths are left as they are (None).
+    """
+    if source.startswith(("/", "~")):
+        return None
+    if source in {".", ".."} or source.startswith(("./", "../")):
+        return base / source
+    try:
+        return base / source if (base / source).is_dir() else None
+    except (OSError, ValueError):  # a name too long for the filesystem: not a directory
+        return None
+
+
+def _resolve_sources(models: ModelManager, base: Path) -> ModelManager:
+    """The models with relative local `model_source` directories made absolute from `base`."""
+    resolved = []
+    for model in models:
+        directory = local_directory(model.source, base)
+        if directory is None:
+            resolved.append(model)
+        else:
+            resolved.append(model.model_copy(update={"model_source": os.path.abspath(directory)}))
+    return ModelManager(resolved)
+
+
 def load_models(path: Path | None, environ: Mapping[str, str] | None = None) -> ModelManager:
-    """The models to serve: `--models FILE`, else `MODELS_CONFIG`, else `MODEL_ID`."""
+    """The models to serve: `--models FILE`, else `MODELS_CONFIG`, else `MODEL_ID`.
+
+    A relative local `model_source` is read from the models file's directory (from the current
+    directory for the environment variables) and made absolute, so that the engines find it.
+    """
     environ = os.environ if environ is None else environ
     if path is not None:
-        return parse_models_config(read_input_file(path, "--models"), source=str(path))
-    models = models_from_environment(environ)
-    if models is None:
+        models = parse_models_config(read_input_file(path, "--models"), source=f"--models {path}")
+        return _resolve_sources(models, path.parent)
+    from_environment = models_from_environment(environ)
+    if from_environment is None:
         raise ConfigError(
             "no models given: pass --models FILE, or set MODELS_CONFIG (a JSON list) "
             "or MODEL_ID in the environment"
         )
-    return models
+    return _resolve_sources(from_environment, Path.cwd())

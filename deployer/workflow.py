@@ -11,7 +11,7 @@ from typing import Any
 
 from deployer.checkpoint import read_model_files
 from deployer.cluster import GIB, Cluster
-from deployer.errors import ConfigError
+from deployer.errors import ConfigError, shown
 from deployer.estimate import (
     CUDA_CONTEXT_GIB,
     CheckpointSize,
@@ -39,7 +39,7 @@ def estimate_models(
                 config, checkpoint = read_files(model.source)
                 estimates.append(estimate_memory(model, config, checkpoint))
         except EstimateError as exc:
-            problems.append(f"models[{index}] (id {model.model_id!r}): {exc}")
+            problems.append(f"models[{index}] (id {shown(model.model_id)}): {exc}")
     if problems:
         raise ConfigError(problems, source="models config")
     return estimates

@@ -98,5 +98,5 @@ def test_unreachable_hub_is_explained() -> None:
         read_model_files("some-org/some-model")
     message = str(error.value)
     assert "'some-org/some-model' is not a local directory" in message
-    assert "could not be fetched from the Hugging Face hub" in message
+    assert "not in the local Hugging Face cache while HF_HUB_OFFLINE is set" in message
     assert "set gpu_memory_gib" in message

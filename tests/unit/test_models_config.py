@@ -84,7 +84,7 @@ def test_single_model_mode_from_environment() -> None:
     (model,) = load_models(None, environ)
     assert (model.model_id, model.tensor_parallel_size, model.max_model_len) == ("org/m", 4, 2048)
     with pytest.raises(
-        ConfigError, match=r"TENSOR_PARALLEL_SIZE must be an integer \(got 'four'\)"
+        ConfigError, match=r"TENSOR_PARALLEL_SIZE must be a positive integer \(got 'four'\)"
     ):
         load_models(None, {"MODEL_ID": "m", "TENSOR_PARALLEL_SIZE": "four"})
     with pytest.raises(
@@ -101,21 +101,23 @@ def test_no_source_at_all_says_what_to_set() -> None:
 
 
 def test_unreadable_file_is_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"cannot read .*nope\.yaml: No such file"):
+    with pytest.raises(
+        ConfigError, match=r"--models .*nope\.yaml: it cannot be read: No such file"
+    ):
         load_models(tmp_path / "nope.yaml", {})
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("models: [{model_id: a", "not valid YAML or JSON at line"),
-        ('[{"model_id": "a",]', "not valid JSON or YAML (Expecting property name"),
+        ("models: [{model_id: a", "not valid YAML: did not find expected ',' or '}' at line"),
+        ('[{"model_id": "a",]', "not valid JSON (Expecting property name"),
         ("", "it is empty"),
         ("models: {model_id: a}", "expected a list of models, got dict"),
         ("just a string", "expected a list of models, got str"),
-        ("other: []", "expected a top-level key 'models' holding a list (found keys: other)"),
+        ("other: []", "expected a top-level key 'models' holding a list (found keys: 'other')"),
         ("models: []", "the list of models is empty"),
-        ("models: [{model_id: a}]\nextra: 1", "unknown top-level keys ['extra']"),
+        ("models: [{model_id: a}]\nextra: 1", "unknown top-level keys 'extra'"),
     ],
 )
 def test_malformed_documents(text: str, expected: str) -> None:
