@@ -55,7 +55,7 @@ def _check_outcomes(tmp_path: Path, hosts: dict[str, dict[str, Any]]) -> dict[st
         "all": {
             "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
                      "check_out_dir": str(out)},
-            "children": {"ray_workers": {"hosts": hosts}, "gpu_nodes": {"hosts": {"gpu": {}}}},
+            "children": {"ray_workers": {"hosts": hosts}, "gpu_nodes": {"hosts": {"cpu": {}}}},
         }
     }  # fmt: skip
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory), encoding="utf-8")
@@ -72,22 +72,42 @@ def _check_outcomes(tmp_path: Path, hosts: dict[str, dict[str, Any]]) -> dict[st
     return outcomes
 
 
-def test_logical_gpus_are_refused_on_gpu_nodes_and_beside_num_gpus(tmp_path: Path) -> None:
+def _pci_devices(root: Path, devices: dict[str, tuple[str, str]]) -> Path:
+    """A fake /sys/bus/pci/devices: address -> (vendor, class)."""
+    for address, (vendor, klass) in devices.items():
+        (root / address).mkdir(parents=True)
+        (root / address / "vendor").write_text(vendor + "\n")
+        (root / address / "class").write_text(klass + "\n")
+    return root
+
+
+def test_logical_gpus_are_refused_on_hosts_with_nvidia_gpus_and_beside_num_gpus(
+    tmp_path: Path,
+) -> None:
+    nvidia = _pci_devices(
+        tmp_path / "gpu",
+        {"0000:17:00.0": ("0x10de", "0x030200"), "0000:00:1f.0": ("0x8086", "0x060100")},
+    )
+    nvidia_switch = _pci_devices(tmp_path / "switch", {"0000:05:00.0": ("0x10de", "0x068000")})
     outcomes = _check_outcomes(
         tmp_path,
         {
-            "cpu": {"ray_worker_logical_gpus": 4},
-            "off": {},
+            "cpu": {"ray_worker_logical_gpus": 4},  # in gpu_nodes, with no NVIDIA GPU
+            "switch": {"ray_worker_logical_gpus": 4, "fake_pci_devices_dir": str(nvidia_switch)},
+            "off": {"fake_pci_devices_dir": str(nvidia)},
             "real": {"ray_worker_num_gpus": 2},
-            "gpu": {"ray_worker_logical_gpus": 4},
+            "gpu": {"ray_worker_logical_gpus": 4, "fake_pci_devices_dir": str(nvidia)},
             "both": {"ray_worker_logical_gpus": 4, "ray_worker_num_gpus": 2},
             "negative": {"ray_worker_logical_gpus": -1},
         },
     )
-    assert outcomes["cpu"] == outcomes["off"] == outcomes["real"] == "ok"
+    assert {h: outcomes[h] for h in ("cpu", "switch", "off", "real")} == dict.fromkeys(
+        ("cpu", "switch", "off", "real"), "ok"
+    )
     for host in ("gpu", "both", "negative"):
         assert outcomes[host].startswith(f"{host}: ray_worker_logical_gpus ("), outcomes[host]
         assert "for tests and dry runs" in outcomes[host]
+    assert "NVIDIA GPUs (PCI 0000:17:00.0)" in outcomes["gpu"]
 
 
 ADDRESS_VARS = {"ansible_facts": FACTS, "rackserve_node_ip": "10.20.0.10"}
