@@ -21,14 +21,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deployer.errors import ConfigError, RackserveError
+from deployer.documents import DocumentError, decode_utf8, parse_yaml, read_bytes
+from deployer.errors import ConfigError, MissingExtraError, RackserveError
 
 PLAYBOOKS = ("site", "reset")
+BOOTSTRAP_HINT = (
+    "install the bootstrap extra: pip install 'rackserve[bootstrap]' "
+    "(from a checkout: pip install -e '.[bootstrap]')"
+)
 _STATS = ("ok", "changed", "failures", "unreachable", "skipped")
 
 
@@ -89,11 +93,9 @@ def parse_extravars(pairs: Sequence[str]) -> dict[str, Any]:
         if pair.startswith("@"):
             path = Path(pair[1:])
             try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as exc:
-                raise ConfigError(
-                    f"cannot read extra vars from {path}: {exc}", source="-e"
-                ) from None
+                loaded = parse_yaml(decode_utf8(read_bytes(path)))
+            except DocumentError as exc:
+                raise ConfigError(f"extra vars file {path}: {exc}", source="-e") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path} must hold a mapping of variables", source="-e")
             extravars.update(loaded)
@@ -101,7 +103,10 @@ def parse_extravars(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"expected KEY=VALUE or @FILE, got {pair!r}", source="-e")
-        extravars[key.strip()] = yaml.safe_load(value) if value else ""
+        try:
+            extravars[key.strip()] = parse_yaml(value) if value.strip() else ""
+        except DocumentError as exc:
+            raise ConfigError(f"{key.strip()}: {exc}", source="-e") from None
     return extravars
 
 
@@ -227,14 +232,12 @@ def run_playbook(
     try:
         import ansible_runner  # noqa: PLC0415 - the bootstrap extra
     except ImportError:
-        raise BootstrapError(
-            "ansible-runner is not installed: pip install -e '.[bootstrap]'"
-        ) from None
+        raise MissingExtraError(f"ansible-runner is not installed: {BOOTSTRAP_HINT}") from None
     root = content_root()
     beside = Path(sys.executable).with_name("ansible-playbook")  # a venv not on PATH
     binary = str(beside) if beside.exists() else shutil.which("ansible-playbook")
     if binary is None:
-        raise BootstrapError("ansible-playbook is not installed: pip install -e '.[bootstrap]'")
+        raise MissingExtraError(f"ansible-playbook is not installed: {BOOTSTRAP_HINT}")
     console = console or Console()
     progress = _Progress(console)
     started = time.monotonic()

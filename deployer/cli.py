@@ -18,6 +18,13 @@ from deployer import __version__
 from deployer.cluster import dump_cluster, load_cluster
 from deployer.errors import ExitCode, RackserveError
 from deployer.models_config import load_models
+from deployer.options import (
+    check_output_target,
+    print_error,
+    require,
+    reserve_gib,
+    write_output,
+)
 from deployer.placement import DEFAULT_RESERVE_GIB
 from deployer.render import cluster_table, estimates_table, print_plan
 from deployer.workflow import estimate_models, plan_models
@@ -45,7 +52,10 @@ ModelsOption = Annotated[
 ]
 ReserveOption = Annotated[
     float,
-    typer.Option(help="GiB held back on every GPU (and CPU node); 0 uses all free memory."),
+    typer.Option(
+        help="GiB held back on every GPU (and CPU node); 0 uses all free memory.",
+        callback=reserve_gib,
+    ),
 ]
 JsonOption = Annotated[
     str | None,
@@ -61,7 +71,7 @@ def _write_text(target: str, text: str) -> None:
     if target == "-":
         sys.stdout.write(text)
     else:
-        Path(target).write_text(text, encoding="utf-8")
+        write_output(target, text)
 
 
 def _version(value: bool) -> None:
@@ -82,6 +92,7 @@ def _root(
 @app.command()
 def estimate(models: ModelsOption = None, json_out: JsonOption = None) -> None:
     """Estimate each model's memory per GPU: weights, KV cache, overhead."""
+    check_output_target(json_out)
     registry = load_models(models)
     estimates = estimate_models(registry)
     if json_out != "-":
@@ -106,6 +117,7 @@ def plan(
     reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
 ) -> None:
     """Place the models on the cluster's GPUs; exit 3 if some model does not fit."""
+    check_output_target(json_out)
     registry = load_models(models)
     the_cluster = load_cluster(cluster)
     result = plan_models(the_cluster, registry, estimate_models(registry), reserve_gib)
@@ -131,6 +143,8 @@ AddressOption = Annotated[
 @app.command()
 def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
     """Probe every Ray node's GPUs (NVML) or memory; write the cluster file `plan` reads."""
+    check_output_target(json_out)
+    require("ray", "probe")
     from deployer.probe import probe_cluster  # noqa: PLC0415 - needs Ray
 
     cluster = probe_cluster(address)
@@ -143,7 +157,9 @@ def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
 HttpHostOption = Annotated[
     str, typer.Option("--http-host", help="Address the OpenAI endpoint listens on (head node).")
 ]
-HttpPortOption = Annotated[int, typer.Option("--http-port", help="Port of the OpenAI endpoint.")]
+HttpPortOption = Annotated[
+    int, typer.Option("--http-port", min=1, max=65535, help="Port of the OpenAI endpoint.")
+]
 
 
 @app.command()
@@ -169,6 +185,7 @@ def deploy(
     ] = "vllm",
 ) -> None:
     """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
+    require("ray.serve", "deploy")
     from deployer.launch import DeployOptions  # noqa: PLC0415 - needs Ray
     from deployer.launch import deploy as run_deploy  # noqa: PLC0415
 
@@ -188,6 +205,7 @@ def deploy(
 @app.command()
 def status(address: AddressOption = "auto") -> None:
     """Each deployed model's node, GPUs, state and health; exit 1 if any is unhealthy."""
+    require("ray.serve", "status")
     from deployer.launch import show_status  # noqa: PLC0415 - needs Ray
 
     if not show_status(address, console):
@@ -197,6 +215,7 @@ def status(address: AddressOption = "auto") -> None:
 @app.command()
 def down(address: AddressOption = "auto") -> None:
     """Remove the application and every model in it."""
+    require("ray.serve", "down")
     from deployer.launch import down as run_down  # noqa: PLC0415 - needs Ray
 
     run_down(address, console)
@@ -233,7 +252,13 @@ def bootstrap(
     ] = None,
 ) -> None:
     """Bootstrap the rack with Ansible (playbooks/site.yml) and show live progress."""
-    from deployer.bootstrap import parse_extravars, run_playbook  # noqa: PLC0415 - ansible
+    from deployer.bootstrap import (  # noqa: PLC0415 - ansible
+        BOOTSTRAP_HINT,
+        parse_extravars,
+        run_playbook,
+    )
+
+    require("ansible_runner", "bootstrap", BOOTSTRAP_HINT)
 
     result = run_playbook(
         inventory,
@@ -258,5 +283,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="rackserve")
     except RackserveError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(errors, exc)
         sys.exit(exc.exit_code)

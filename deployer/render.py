@@ -1,4 +1,8 @@
-"""Tables for the terminal (rich): estimates, plans and per-GPU fill."""
+"""Tables for the terminal (rich): estimates, plans and per-GPU fill.
+
+Every value that comes from the input (model ids, node and GPU names, reasons quoting them) goes
+into the tables as plain `Text` with control characters escaped: never read as Rich markup.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,17 @@ from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from deployer.cluster import GIB, MIB, Cluster
+from deployer.errors import printable
 from deployer.estimate import MemoryEstimate
 from deployer.placement import Plan
+
+
+def _text(value: str | None) -> Text:
+    """A table cell holding input data: plain text, control characters escaped."""
+    return Text("-" if value is None else printable(value))
 
 
 def _gib(value: int | None) -> str:
@@ -25,7 +36,7 @@ def estimates_table(estimates: Sequence[MemoryEstimate]) -> Table:
     for e in estimates:
         per_token = e.kv_cache_bytes_per_token_per_gpu
         table.add_row(
-            e.model_id,
+            _text(e.model_id),
             str(e.tensor_parallel_size),
             _gib(e.weights_bytes_per_gpu),
             "-" if per_token is None else f"{per_token / 1024:.1f} KiB",
@@ -33,7 +44,7 @@ def estimates_table(estimates: Sequence[MemoryEstimate]) -> Table:
             _gib(e.kv_cache_bytes_per_gpu),
             _gib(e.overhead_bytes_per_gpu),
             _gib(e.total_bytes_per_gpu),
-            e.weights_from,
+            _text(e.weights_from),
         )
     return table
 
@@ -46,16 +57,16 @@ def cluster_table(cluster: Cluster) -> Table:
     for node in cluster.nodes:
         if node.is_cpu_node:
             memory = (node.cpu_memory_mib or 0) * MIB
-            table.add_row(node.name, node.ip or "-", "-", "CPU", "-", _gib(memory), "-")
+            table.add_row(_text(node.name), _text(node.ip), "-", "CPU", "-", _gib(memory), "-")
         for gpu in node.gpus:
             table.add_row(
-                node.name,
-                node.ip or "-",
+                _text(node.name),
+                _text(node.ip),
                 str(gpu.index),
-                gpu.name,
+                _text(gpu.name),
                 _gib(gpu.memory_total_mib * MIB),
                 _gib(gpu.memory_free_mib * MIB),
-                node.driver_version or "-",
+                _text(node.driver_version),
             )
     return table
 
@@ -74,8 +85,8 @@ def plan_table(plan: Plan) -> Table:
     for p in plan.placements:
         if plan.device == "gpu":
             table.add_row(
-                p.model_id,
-                p.node,
+                _text(p.model_id),
+                _text(p.node),
                 ",".join(map(str, p.gpus)),
                 _gib(p.gpu_memory_bytes),
                 f"{p.gpu_fraction:.4f}" if p.gpu_fraction is not None else "-",
@@ -84,7 +95,10 @@ def plan_table(plan: Plan) -> Table:
             )
         else:
             table.add_row(
-                p.model_id, p.node, _gib(p.gpu_memory_bytes), _gib(p.kv_cache_memory_bytes)
+                _text(p.model_id),
+                _text(p.node),
+                _gib(p.gpu_memory_bytes),
+                _gib(p.kv_cache_memory_bytes),
             )
     return table
 
@@ -102,12 +116,12 @@ def fill_table(plan: Plan) -> Table:
             continue
         share = fill.booked_bytes / fill.usable_bytes if fill.usable_bytes else 0.0
         table.add_row(
-            fill.node,
+            _text(fill.node),
             "-" if fill.index is None else str(fill.index),
             _gib(fill.booked_bytes),
             _gib(fill.usable_bytes),
             f"{share:.0%}",
-            ", ".join(fill.tenants),
+            _text(", ".join(fill.tenants)),
         )
     table.caption = (
         f"{plan.gpus_used} {unit}(s) used on {plan.nodes_used} node(s); {idle} left free"
@@ -122,5 +136,8 @@ def print_plan(console: Console, plan: Plan) -> None:
     console.print(fill_table(plan))
     for u in plan.unplaced:
         console.print(
-            f"[bold red]not placed[/] {u.model_id}: {u.reason}", highlight=False, soft_wrap=True
+            Text.assemble(
+                ("not placed", "bold red"), f" {printable(u.model_id)}: {printable(u.reason)}"
+            ),
+            soft_wrap=True,
         )
