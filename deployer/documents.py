@@ -20,7 +20,7 @@ import json
 import math
 import re
 import stat
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,16 @@ MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 MAX_DEPTH = 32
 """Deepest nesting of mappings and lists in a document."""
 
-MAX_VALUES = 1_000_000
+MAX_VALUES = 200_000
 """Most values (scalars, lists, mappings) in a document, counting each use of a YAML alias."""
 
 MAX_INT_DIGITS = 30
 """Longest integer literal (10^30 is far beyond every bound the fields check)."""
 
+_TOO_MANY_VALUES = (
+    f"it holds more than {MAX_VALUES:,} values (YAML aliases counted each time they are used)"
+)
+_TOO_LONG_INTEGER = f"an integer has more than {MAX_INT_DIGITS} digits; it is out of range"
 _MAX_INT_BITS = math.ceil(MAX_INT_DIGITS * math.log2(10))
 _YAML_FLOAT = re.compile(
     r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+[eE][-+]?[0-9]+$"
@@ -139,6 +143,7 @@ class _Tree:
         self.size: dict[int, int] = {}
         self.height: dict[int, int] = {}
         self.parent: dict[int, tuple[int, object]] = {}
+        self.distinct = 0
 
     def check(self, document: object) -> None:
         if not isinstance(document, dict | list):
@@ -155,6 +160,9 @@ class _Tree:
                 continue
             if key in self.size:
                 continue
+            self.distinct += len(node)
+            if self.distinct > MAX_VALUES:  # before looking at each value of a huge list
+                raise DocumentError(_TOO_MANY_VALUES)
             ancestors.add(key)
             stack.append((node, True))
             for name, child in _items(node):
@@ -171,10 +179,7 @@ class _Tree:
         size = 1 + len(node) - len(children) + sum(self.size[id(c)] for c in children)
         height = 1 + max((self.height[id(c)] for c in children), default=0)
         if size > MAX_VALUES:
-            raise DocumentError(
-                f"it holds more than {MAX_VALUES:,} values (YAML aliases counted each time "
-                "they are used)"
-            )
+            raise DocumentError(_TOO_MANY_VALUES)
         if height > MAX_DEPTH:
             raise DocumentError(f"it is nested more than {MAX_DEPTH} levels deep")
         self.size[id(node)] = size
@@ -220,17 +225,6 @@ def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _int_reader(max_digits: int) -> Callable[[str], int]:
-    def read(literal: str) -> int:
-        if len(literal.lstrip("-")) > max_digits:
-            raise DocumentError(
-                f"an integer has {len(literal.lstrip('-'))} digits; the limit is {max_digits}"
-            )
-        return int(literal)
-
-    return read
-
-
 def parse_json(text: str, *, strict: bool = True) -> object:
     """JSON with duplicate keys refused and nesting bounded.
 
@@ -239,17 +233,17 @@ def parse_json(text: str, *, strict: bool = True) -> object:
     headers) those are left to the reader of each field.
     """
     try:
-        document = json.loads(
-            text,
-            object_pairs_hook=_json_pairs,
-            parse_int=_int_reader(MAX_INT_DIGITS if strict else 4000),
-        )
+        document = json.loads(text, object_pairs_hook=_json_pairs)
     except RecursionError:
         raise DocumentError(f"it is nested more than {MAX_DEPTH} levels deep") from None
     except json.JSONDecodeError as exc:
         raise DocumentError(
             f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except DocumentError:
+        raise
+    except ValueError:  # int() of more than 4300 digits
+        raise DocumentError(_TOO_LONG_INTEGER) from None
     _check_tree(document, finite=strict)
     return document
 
@@ -269,15 +263,19 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _check_yaml_events(text: str) -> None:
-    """Refuse deep nesting from the event stream, before anything is built.
+    """Refuse deep nesting and too many values from the event stream, before anything is built.
 
-    libyaml's composer recurses once per level: it must never see 100,000 of them.
+    libyaml's composer recurses once per level: it must never see 100,000 of them; and building
+    a value costs far more than reading its event.
     """
     loader = StrictLoader(text)
     try:
-        depth = 0
+        depth = events = 0
         while loader.check_event():
             event = loader.get_event()
+            events += 1
+            if events > MAX_VALUES + 4:  # stream, document, start and end events
+                raise DocumentError(_TOO_MANY_VALUES)
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
@@ -302,9 +300,7 @@ def parse_yaml(text: str) -> object:
     except DocumentError:
         raise
     except ValueError:  # int() of more than 4300 digits
-        raise DocumentError(
-            f"an integer has more than {MAX_INT_DIGITS} digits; it is out of range"
-        ) from None
+        raise DocumentError(_TOO_LONG_INTEGER) from None
     _check_tree(document)
     return document
 
