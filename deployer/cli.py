@@ -27,6 +27,7 @@ from deployer.options import (
 )
 from deployer.placement import DEFAULT_RESERVE_GIB
 from deployer.render import cluster_table, estimates_table, print_plan
+from deployer.serve_config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
 from deployer.workflow import estimate_models, plan_models
 
 app = typer.Typer(
@@ -115,6 +116,12 @@ def plan(
     models: ModelsOption = None,
     json_out: JsonOption = None,
     reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full", help="One row per model and per GPU even at rack scale (default: by node)."
+        ),
+    ] = False,
 ) -> None:
     """Place the models on the cluster's GPUs; exit 3 if some model does not fit."""
     check_output_target(json_out)
@@ -122,7 +129,7 @@ def plan(
     the_cluster = load_cluster(cluster)
     result = plan_models(the_cluster, registry, estimate_models(registry), reserve_gib)
     if json_out != "-":
-        print_plan(console, result)
+        print_plan(console, result, full=full)
     if json_out:
         _write_json(json_out, result.as_json())
     if result.unplaced:
@@ -173,8 +180,8 @@ def deploy(
         bool, typer.Option("--allow-partial", help="Launch the models that fit even if some don't.")
     ] = False,
     reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
-    http_host: HttpHostOption = "0.0.0.0",
-    http_port: HttpPortOption = 8000,
+    http_host: HttpHostOption = DEFAULT_HTTP_HOST,
+    http_port: HttpPortOption = DEFAULT_HTTP_PORT,
     engine: Annotated[
         Literal["vllm", "standin"],
         typer.Option(

@@ -15,7 +15,7 @@ from rich.text import Text
 from deployer.cluster import GIB, MIB, Cluster
 from deployer.errors import printable
 from deployer.estimate import MemoryEstimate
-from deployer.placement import Plan
+from deployer.placement import DeviceFill, Plan
 
 
 def _text(value: str | None) -> Text:
@@ -130,10 +130,69 @@ def fill_table(plan: Plan) -> Table:
     return table
 
 
-def print_plan(console: Console, plan: Plan) -> None:
-    """The plan, the fill summary and the models left out."""
-    console.print(plan_table(plan))
-    console.print(fill_table(plan))
+FULL_TABLE_ROWS = 48
+"""Above this many placements, `print_plan` shows one line per node unless asked for full tables."""
+
+
+def node_summary_lines(plan: Plan) -> list[str]:
+    """One plain line per node in use: devices used, models, booked and usable memory.
+
+    Plain text, not a Rich table: at rack scale (thousands of rows) Rich's layout takes seconds.
+    """
+    per_node: dict[str, list[DeviceFill]] = {}
+    for fill in plan.fills:
+        per_node.setdefault(fill.node, []).append(fill)
+    unit = "GPUs" if plan.device == "gpu" else "CPU"
+    rows = [("node", f"{unit} used", "models", "booked GiB", "usable GiB", "fill")]
+    for node, fills in per_node.items():
+        used = [f for f in fills if f.tenants]
+        if not used:
+            continue
+        booked = sum(f.booked_bytes for f in used)
+        usable = sum(f.usable_bytes for f in fills)
+        models = len({t for f in used for t in f.tenants})
+        rows.append(
+            (
+                printable(node),
+                f"{len(used)}/{len(fills)}",
+                str(models),
+                f"{booked / GIB:.1f}",
+                f"{usable / GIB:.1f}",
+                f"{booked / usable:.0%}" if usable else "-",
+            )
+        )
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.ljust(width) if k == 0 else cell.rjust(width)
+            for k, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+
+
+def print_plan(console: Console, plan: Plan, full: bool = False) -> None:
+    """The plan, the fill summary and the models left out.
+
+    Above FULL_TABLE_ROWS placements, one line per node instead of the two tables, unless `full`.
+    """
+    if full or len(plan.placements) <= FULL_TABLE_ROWS:
+        console.print(plan_table(plan))
+        console.print(fill_table(plan))
+    else:
+        console.print(
+            f"Plan by node ({len(plan.placements)} placements; --full lists each model and GPU)",
+            markup=False,
+            highlight=False,
+        )
+        console.file.write("\n".join(node_summary_lines(plan)) + "\n")
+        unit = "GPU" if plan.device == "gpu" else "CPU node"
+        console.print(
+            f"{plan.gpus_used} {unit}(s) used on {plan.nodes_used} node(s)"
+            + ("; optimal (proven)" if plan.proven_optimal else ""),
+            markup=False,
+            highlight=False,
+        )
     for u in plan.unplaced:
         console.print(
             Text.assemble(

@@ -29,6 +29,10 @@ from deployer.placement import Placement, Plan
 
 APP_NAME = "rackserve"
 """The Ray Serve application that holds every model."""
+DEFAULT_HTTP_HOST = "0.0.0.0"
+"""Where the OpenAI endpoint listens by default (Serve's HTTP proxy; every interface)."""
+DEFAULT_HTTP_PORT = 8000
+"""The OpenAI endpoint's default port (Serve's)."""
 
 
 @dataclasses.dataclass(frozen=True)
