@@ -13,7 +13,12 @@
    pin tiny-a to worker 1 and tiny-b to worker 2;
 4. asks the head's endpoint (on the bridge) for `GET /v1/models` and one chat completion per
    model, shows `rackserve status` as run on the head;
-5. tears the rack down, unless `--keep` (then `python -m tests.rackbox down --name-prefix demo`).
+5. rehearses a GPU deployment on the same rack: the workers' Ray has 4 logical GPUs each
+   (`ray_worker_logical_gpus`, set from the start; NVML sees none, so the tiny models ran on
+   CPU), and `rackserve bootstrap --tags deploy_models` deploys five GPU models with the
+   stand-in engine against a cluster file declaring those GPUs (deployer/demo_standin.py);
+   `rackserve status` and each stand-in's report show the GPUs planned and the ones Ray gave;
+6. tears the rack down, unless `--keep` (then `python -m tests.rackbox down --name-prefix demo`).
 
 Everything runs offline on this machine; the models have random weights, so their answers are
 noise. Engines run on vLLM's CPU build inside the hosts, about 2.5 GiB of memory each.
@@ -36,6 +41,7 @@ from urllib.error import HTTPError
 
 import yaml
 
+from deployer import demo_standin
 from deployer.nvml_reader import read_available_memory_mib
 from deployer.quickstart import DEFAULT_CACHE, build_models, chat, models_config
 
@@ -46,6 +52,7 @@ PREFIX = "demo"
 NETWORK = "10.231.20.0/24"
 MODELS_MOUNT = "/srv/models"
 HTTP_PORT = 8000
+RAY_PORT = 6379
 NEEDS_GIB = 10  # Ray on three hosts, two engines and the ingress
 
 
@@ -84,9 +91,11 @@ def _rack_modules() -> Any:
     return rackbox, cluster, wheelhouse
 
 
-def _bootstrap(inventory: Path, extra_vars_file: Path) -> int:
+def _bootstrap(inventory: Path, extra_vars_file: Path, tags: str = "") -> int:
     """`rackserve bootstrap` as a user runs it; its progress goes straight to the terminal."""
     args = ["bootstrap", "-i", str(inventory), "-e", f"@{extra_vars_file}"]
+    if tags:
+        args += ["--tags", tags]
     print(f"$ rackserve {shlex.join(args)}", flush=True)
     done = subprocess.run([sys.executable, "-m", "deployer", *args], check=False)
     return done.returncode
@@ -132,10 +141,37 @@ def _query(rack: Rack, models: Sequence[str], port: int) -> int:
         body = exc.read().decode(errors="replace") if isinstance(exc, HTTPError) else ""
         print(f"demo: the endpoint failed: {exc}\n{body[-3000:]}", file=sys.stderr)
         return 1
-    command = f"rackserve status --address {head.ip}:6379"
+    command = f"rackserve status --address {head.ip}:{RAY_PORT}"
     status = rack.ssh(head, command, check=False)
     print(f"\n$ ssh root@{head.ip} {command}\n{status.stdout}{status.stderr}", flush=True)
     return 0
+
+
+def _standin(rack: Rack, port: int) -> int:
+    """The stand-in engine on the workers' logical GPUs; the exit code."""
+    _step(f"The stand-in engine on {demo_standin.LOGICAL_GPUS} logical GPUs per worker")
+    workers = [host.name for host in rack.hosts[1:]]
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    extra = rack.spec.rack_dir / "standin-vars.yml"
+    extra.write_text(
+        yaml.safe_dump(demo_standin.standin_vars(workers, port, offline), sort_keys=False)
+    )
+    code = _bootstrap(rack.inventory, extra, tags="deploy_models")
+    if code != 0:
+        print(f"demo: the stand-in deployment failed (exit {code})", file=sys.stderr)
+        return 1
+    head = rack.hosts[0]
+    command = f"rackserve status --address {head.ip}:{RAY_PORT}"
+    status = rack.ssh(head, command, check=False)
+    print(f"\n$ ssh root@{head.ip} {command}\n{status.stdout}{status.stderr}", flush=True)
+    done = rack.ssh(head, demo_standin.reports_command(head.ip, RAY_PORT), check=False)
+    try:
+        found = demo_standin.parse_reports(done.stdout)
+    except ValueError:
+        print(f"demo: no stand-in reports from {head.name}:\n{done.stderr[-3000:]}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0 if demo_standin.show_reports(found) else 1
 
 
 def run(keep: bool, cache: Path, port: int) -> int:
@@ -160,7 +196,7 @@ def run(keep: bool, cache: Path, port: int) -> int:
         network=NETWORK,
         wheelhouse=house.path,
         binds={models_dir: MODELS_MOUNT},
-        inventory_vars=cluster.RAY_VARS,
+        inventory_vars={**cluster.RAY_VARS, **demo_standin.INVENTORY_VARS},
         prefetch=cluster.SITE_DEBS,
         replace=True,
         keep=True,
@@ -186,6 +222,10 @@ def run(keep: bool, cache: Path, port: int) -> int:
         if _query(rack, models, port) != 0:
             return 1
         timings["requests"] = time.monotonic() - started
+        started = time.monotonic()
+        if _standin(rack, port) != 0:
+            return 1
+        timings["standin"] = time.monotonic() - started
     finally:
         if keep:
             head = rack.hosts[0].ip
