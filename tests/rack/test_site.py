@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deployer import demo_standin
 from tests.rack.conftest import booted, skip_or_fail
 from tests.rackbox import Rack, RackError, RackUnavailable, check_machine
 from tests.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
@@ -374,6 +375,59 @@ def test_a_run_on_converged_hosts_changes_nothing(
     assert again.result.ok, again.explain()
     assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
     assert snapshot(site_rack) == before
+
+
+H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559, "memory_free_mib": 81008}
+
+
+@pytest.mark.integration
+def test_logical_gpus_rehearse_a_gpu_deployment_with_the_standin(
+    site_rack: Rack, converged: Run
+) -> None:
+    """`ray_worker_logical_gpus` gives the workers' Ray GPUs that NVML cannot see; deploy_models
+    with the stand-in engine and a cluster file declaring them deploys there, each rank on the
+    planned node and GPUs, and a second run deploys nothing. Then the models are removed and the
+    workers start without logical GPUs again."""
+    assert converged.result.ok, converged.explain()
+    head, workers = site_rack.hosts[0], site_rack.hosts[1:]
+    gpus = [{"index": index, **H100} for index in range(2)]
+    rehearsal = {
+        "ray_worker_logical_gpus": 2,
+        "ray_worker_num_cpus": 4,  # each engine replica holds a Ray CPU; the hosts have 2 cores
+        "deploy_models_enabled": True,
+        "deploy_models_file": "",
+        "deploy_models_models": [
+            {"model_id": "pair", "tensor_parallel_size": 2, "gpu_memory_gib": 50},
+            {"model_id": "small", "gpu_memory_gib": 10},
+        ],
+        "deploy_models_engine": "standin",
+        "deploy_models_cluster": {"nodes": [{"name": w.name, "gpus": gpus} for w in workers]},
+    }
+    steps = "ray_worker,deploy_models"
+    try:
+        run = bootstrap(site_rack, tags=steps, extravars=rehearsal)
+        assert run.result.ok, run.explain()
+        alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
+        for worker in workers:
+            assert alive[worker.name]["resources"].get("GPU") == 2, alive[worker.name]
+            assert alive[worker.name]["labels"].get("rackserve/logical-gpus") == "2"
+        assert "GPU" not in alive[head.name]["resources"]
+        done = site_rack.ssh(head, demo_standin.reports_command(head.ip, RAY_PORT), check=False)
+        found = demo_standin.parse_reports(done.stdout)
+        assert sorted(e["status"]["model_id"] for e in found) == ["pair", "small"], found
+        assert [e["status"]["state"] for e in found] == ["HEALTHY", "HEALTHY"], found
+        assert demo_standin.disagreements(found) == [], found
+        pair = next(e for e in found if e["status"]["model_id"] == "pair")
+        assert sorted(pair["status"]["gpus"]) == [0, 1], pair
+        again = bootstrap(site_rack, tags=steps, extravars=rehearsal)
+        assert again.result.ok, again.explain()
+        assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
+    finally:
+        site_rack.ssh(head, f"rackserve down --address {head.ip}:{RAY_PORT}", check=False)
+        back = bootstrap(site_rack, tags="ray_worker")
+    assert back.result.ok, back.explain()
+    alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
+    assert all("GPU" not in alive[w.name]["resources"] for w in workers), alive
 
 
 @pytest.mark.integration
