@@ -190,6 +190,16 @@ def deploy(
             "bundles with a stand-in that serves nothing (dry runs, logical GPUs).",
         ),
     ] = "vllm",
+    cluster: Annotated[
+        Path | None,
+        typer.Option(
+            "--cluster",
+            "-c",
+            help="Plan on this cluster file instead of probing (logical GPUs: NVML finds none); "
+            "each node must be a Ray node labelled rackserve/node=NAME with at least its GPUs.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
     require("ray.serve", "deploy")
@@ -205,6 +215,7 @@ def deploy(
         http_host,
         http_port,
         engine=engine,
+        cluster=load_cluster(cluster) if cluster else None,
     )
     run_deploy(registry, options, console)
 

@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
 
-from deployer.errors import ExitCode, RackserveError
+from deployer.cluster import NODE_LABEL, Cluster, Node
+from deployer.errors import ConfigError, ExitCode, RackserveError
 from deployer.models_config import ModelManager
 from deployer.placement import DEFAULT_RESERVE_GIB, Plan
 from deployer.probe import connect, probe_cluster
 from deployer.redeploy import Deployed, models_document, replan
 from deployer.render import print_plan
 from deployer.serve_config import APP_NAME, EngineSpec, route_prefix, waves
+from deployer.standin import StandInEngine
 from deployer.workflow import estimate_models
 
 KV_NAMESPACE = "rackserve"
@@ -64,6 +66,8 @@ class DeployOptions:
     http_port: int = DEFAULT_HTTP_PORT
     engine: Literal["vllm", "standin"] = "vllm"
     """`standin` runs a stand-in replica instead of vLLM on the same bundles (rehearsals)."""
+    cluster: Cluster | None = None
+    """A cluster file to plan on instead of probing (logical GPUs); checked against Ray first."""
 
 
 def _read_deployed() -> Deployed | None:
@@ -98,9 +102,20 @@ def _quiet_builders() -> None:
 
 
 def _engine_application(spec: EngineSpec, engine: str = "vllm") -> Any:
+    """The engine's Serve application: vLLM's, or the same deployment running the stand-in.
+
+    For `standin` only the class changes (`deployer.standin`): name, placement group bundles,
+    strategy and label selectors, actor options, runtime env and autoscaling stay vLLM's, and
+    the stand-in gets the same LLMConfig, as a dict.
+    """
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
-    return build_llm_deployment(LLMConfig(**spec.llm_config))
+    config = LLMConfig(**spec.llm_config)
+    application = build_llm_deployment(config)
+    if engine != "standin":
+        return application
+    deployment = application._bound_deployment
+    return deployment.options(func_or_class=StandInEngine).bind(llm_config=config.model_dump())
 
 
 def _ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
@@ -173,7 +188,7 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
         if deployed is not None and deployed.models == document and running:
             console.print("nothing to change: these models are deployed as planned")
             return None
-        cluster = probe_cluster(options.address)
+        cluster = _cluster_for(options)
         engines_running = [
             model_id
             for model_id in (deployed.engines if deployed and running else {})
@@ -320,3 +335,64 @@ def down(address: str, console: Console) -> None:
         _write_deployed(None)
     finally:
         ray.shutdown()
+
+
+def _cluster_for(options: DeployOptions) -> Cluster:
+    """The cluster to plan on: the probe's, or the cluster file checked against Ray's nodes."""
+    import ray
+
+    if options.cluster is None:
+        return probe_cluster(options.address)
+    return checked_against_ray(options.cluster, ray.nodes())  # type: ignore[no-untyped-call]
+
+
+def checked_against_ray(cluster: Cluster, node_table: Sequence[Mapping[str, Any]]) -> Cluster:
+    """The cluster file's nodes, each matched to its alive Ray node (`ray.nodes()` rows).
+
+    Every node of the file must be an alive Ray node labelled `rackserve/node=<name>` with at
+    least the file's GPUs (Ray numbers a node's GPUs 0..N-1, so every index must be below N).
+    The nodes come back with Ray's node id, IP and labels, so the launcher can pin to them.
+    Raises ConfigError naming each node that does not match and what to fix.
+    """
+    alive: dict[str, Mapping[str, Any]] = {}
+    for row in node_table:
+        name = (row.get("Labels") or {}).get(NODE_LABEL)
+        if row.get("Alive") and name:
+            alive[str(name)] = row
+    problems: list[str] = []
+    nodes: list[Node] = []
+    for node in cluster.nodes:
+        ray_node = alive.get(node.name)
+        if ray_node is None:
+            problems.append(
+                f"node {node.name!r}: no alive Ray node has the label {NODE_LABEL}={node.name}; "
+                f"start its Ray with `ray start --labels {NODE_LABEL}={node.name}` or correct "
+                f"the name (Ray's labelled nodes: {', '.join(sorted(alive)) or 'none'})"
+            )
+            continue
+        ray_gpus = int(float((ray_node.get("Resources") or {}).get("GPU", 0)))
+        beyond = sorted(gpu.index for gpu in node.gpus if gpu.index >= ray_gpus)
+        if len(node.gpus) > ray_gpus or beyond:
+            problems.append(
+                f"node {node.name!r}: the file lists {len(node.gpus)} GPU(s)"
+                + (f" (indices {beyond} among them)" if beyond else "")
+                + f" but Ray has {ray_gpus} there"
+                + (f" (GPUs 0..{ray_gpus - 1})" if ray_gpus else "")
+                + f"; list only the GPUs Ray has, or start that node's Ray with "
+                f"`--num-gpus {len(node.gpus)}`"
+            )
+            continue
+        ray_labels = ray_node.get("Labels") or {}
+        labels = {**node.labels, **{str(k): str(v) for k, v in ray_labels.items()}}
+        nodes.append(
+            node.model_copy(
+                update={
+                    "ray_node_id": str(ray_node["NodeID"]),
+                    "ip": str(ray_node["NodeManagerAddress"]),
+                    "labels": labels,
+                }
+            )
+        )
+    if problems:
+        raise ConfigError(problems, source="--cluster file (checked against the Ray cluster)")
+    return Cluster(nodes=nodes)

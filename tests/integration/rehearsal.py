@@ -1,0 +1,105 @@
+"""What the GPU rehearsal runs in a process of its own: `deployer.launch.deploy` with the stand-in.
+
+Deploying imports Ray Serve LLM, hence vLLM and torch, which cannot load in a pytest process
+where ansible-core has patched sys.intern (tests/ansible); so the rehearsal runs these
+functions in one spawned process (`concurrent.futures` with the spawn start method), which
+imports them once for all examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Any
+
+from rich.console import Console
+
+from deployer.cluster import parse_cluster
+from deployer.launch import DeployOptions, deploy, deployment_name, down, model_app_name
+from deployer.local_ray import HEAD_IP
+from deployer.models_config import ModelConfig, ModelManager
+from deployer.placement import Plan
+from deployer.probe import connect
+from deployer.standin import EngineReport
+
+
+def init_process() -> None:
+    """Before Ray is imported: no driver call may start a Ray of its own.
+
+    Serve's handle threads keep calling Ray after `ray.shutdown()`; with auto-connect they
+    would start a local Ray (and write ~/.ray/auth_token).
+    """
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rehearsed:
+    """One deploy with the stand-in: the plan deploy printed and every engine's report."""
+
+    plan: Plan | None
+    reports: dict[str, EngineReport]
+    output: str
+
+
+def deploy_standin(
+    models: list[dict[str, Any]], cluster: str, address: str, port: int, reserve_gib: float
+) -> Rehearsed:
+    """Deploy `models` with the stand-in on the cluster file's nodes; read every engine's report."""
+
+    out = io.StringIO()
+    options = DeployOptions(
+        address=address,
+        reserve_gib=reserve_gib,
+        http_host=HEAD_IP,
+        http_port=port,
+        engine="standin",
+        cluster=parse_cluster(cluster, source="cluster file"),
+    )
+    registry = ModelManager([ModelConfig.model_validate(m) for m in models])
+    plan = deploy(registry, options, Console(file=out, width=160))
+    return Rehearsed(plan, read_reports(address, [m["model_id"] for m in models]), out.getvalue())
+
+
+def read_reports(address: str, model_ids: list[str]) -> dict[str, EngineReport]:
+    """Each running stand-in's `report()`, through a Serve handle to its deployment."""
+    import ray
+    from ray import serve
+
+    connect(address)
+    try:
+        running = serve.status().applications
+        reports = {}
+        for model_id in model_ids:
+            if model_app_name(model_id) not in running:
+                continue
+            handle = serve.get_deployment_handle(
+                deployment_name(model_id), app_name=model_app_name(model_id)
+            )
+            try:
+                reports[model_id] = handle.report.remote().result(timeout_s=120)
+            finally:
+                handle.shutdown()
+        return reports
+    finally:
+        ray.shutdown()
+
+
+def down_all(address: str) -> str:
+    """`rackserve down`: remove the application and every engine."""
+
+    out = io.StringIO()
+    down(address, Console(file=out, width=160))
+    return out.getvalue()
+
+
+def applications(address: str) -> dict[str, str]:
+    """Serve's applications and their states."""
+    import ray
+    from ray import serve
+
+    connect(address)
+    try:
+        return {name: str(app.status) for name, app in serve.status().applications.items()}
+    finally:
+        ray.shutdown()
