@@ -592,7 +592,7 @@ def _guarded(smoke: Smoke, check: str, step: Callable[[], Any]) -> Any:
     """Run a step; an exception is that check's failure (the run goes on to clean up)."""
     try:
         return step()
-    except Exception as exc:
+    except Exception as exc:  # any error is this check's FAIL line; the run goes on to clean up
         smoke.report("FAIL", check, f"{type(exc).__name__}: {str(exc)[:1500]}")
         return None
 
