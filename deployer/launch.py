@@ -26,22 +26,28 @@ from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from deployer.cluster import NODE_LABEL, Cluster, Node
-from deployer.errors import ConfigError, ExitCode, RackserveError
+from deployer.errors import ConfigError, ExitCode, RackserveError, printable
 from deployer.models_config import ModelManager
 from deployer.placement import DEFAULT_RESERVE_GIB, Plan
 from deployer.probe import connect, probe_cluster
 from deployer.redeploy import Deployed, models_document, replan
 from deployer.render import print_plan
-from deployer.serve_config import APP_NAME, EngineSpec, route_prefix, waves
+from deployer.serve_config import (
+    APP_NAME,
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    EngineSpec,
+    route_prefix,
+    waves,
+)
 from deployer.standin import StandInEngine
 from deployer.workflow import estimate_models
 
 KV_NAMESPACE = "rackserve"
 KV_KEY = b"deployment"
-DEFAULT_HTTP_HOST = "0.0.0.0"
-DEFAULT_HTTP_PORT = 8000
 
 
 class LaunchError(RackserveError):
@@ -127,7 +133,7 @@ def _ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
 
     configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
     options = OpenAiIngress.get_deployment_options(configs)
-    if cpu_only:  # keep two models within 2-CPU nodes (../shared/notes/cpu-stack.md)
+    if cpu_only:  # keep two models within 2-CPU nodes (docs/ray-and-vllm-facts.md)
         options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     handles = {
         c.model_id: serve.get_deployment_handle(
@@ -149,7 +155,7 @@ def _start_engines(
 
     grouped = waves(specs)
     for number, wave in enumerate(grouped, start=1):
-        names = ", ".join(f"{s.model_id}@{s.node}" for s in wave)
+        names = printable(", ".join(f"{s.model_id}@{s.node}" for s in wave))
         say(f"wave {number}/{len(grouped)}: starting {names}")
         targets = [
             RunTarget(
@@ -185,7 +191,7 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
         applications = serve.status().applications
         running = APP_NAME in applications
         document = models_document(models)
-        if deployed is not None and deployed.models == document and running:
+        if deployed is not None and deployed.same_as(document, options.engine) and running:
             console.print("nothing to change: these models are deployed as planned")
             return None
         cluster = _cluster_for(options)
@@ -201,6 +207,8 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
             deployed if running else None,
             engines_running,
             options.reserve_gib,
+            engine=options.engine,
+            memory_counts_ours=options.cluster is None,
         )
         plan = change.plan
         print_plan(console, plan)
@@ -219,11 +227,11 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
         )
         _quiet_builders()
         for model_id in change.stop:
-            console.print(f"stopping {model_id}")
+            console.print(Text(f"stopping {printable(model_id)}"))
             serve.delete(model_app_name(model_id))
         if change.keep:
-            console.print(f"unchanged, left running: {', '.join(change.keep)}")
-        _start_engines(change.start, console.print, options.engine)
+            console.print(Text(f"unchanged, left running: {printable(', '.join(change.keep))}"))
+        _start_engines(change.start, lambda line: console.print(Text(line)), options.engine)
         specs = change.specs
         serve.run(
             _ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix
@@ -233,11 +241,14 @@ def deploy(models: ModelManager, options: DeployOptions, console: Console) -> Pl
                 models=document,
                 placements=[p.as_json() for p in plan.placements],
                 engines={s.model_id: dict(s.llm_config) for s in specs},
+                engine=options.engine,
             )
         )
         console.print(
-            f"deployed {len(specs)} model(s) as application {APP_NAME!r} at "
-            f"http://{options.http_host}:{options.http_port}{prefix.rstrip('/')}/v1"
+            Text(
+                f"deployed {len(specs)} model(s) as application {APP_NAME!r} at "
+                f"http://{options.http_host}:{options.http_port}{prefix.rstrip('/')}/v1"
+            )
         )
         return plan
     finally:
@@ -295,12 +306,12 @@ def status_table(statuses: Sequence[ModelStatus]) -> Table:
         table.add_column(column)
     for s in statuses:
         table.add_row(
-            s.model_id,
-            s.node,
+            Text(printable(s.model_id)),
+            Text(printable(s.node)),
             ",".join(map(str, s.gpus)) or "-",
             s.state,
-            "yes" if s.healthy else "[bold red]no[/]",
-            s.message,
+            "yes" if s.healthy else Text("no", style="bold red"),
+            Text(printable(s.message)),
         )
     return table
 
@@ -330,7 +341,9 @@ def down(address: str, console: Console) -> None:
         for name in ours:  # the ingress first, so no request reaches a stopping engine
             serve.delete(name)
         console.print(
-            f"removed {', '.join(ours)}" if ours else f"no {APP_NAME!r} application is deployed"
+            Text(f"removed {printable(', '.join(ours))}")
+            if ours
+            else f"no {APP_NAME!r} application is deployed"
         )
         _write_deployed(None)
     finally:

@@ -26,7 +26,7 @@ from deployer.local_ray import HEAD_IP, RayCluster, start_ray_cluster, temp_root
 MODEL_IDS = ("tiny-a", "tiny-b")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rackserve"
 HTTP_PORT = 8000
-# vLLM's CPU engine settings that work on a 2-core machine (../shared/notes/cpu-stack.md)
+# vLLM's CPU engine settings that work on a 2-core machine (docs/ray-and-vllm-facts.md)
 ENGINE = {"max_model_len": 512, "max_num_seqs": 8, "dtype": "bfloat16", "overhead_gib": 1.0}
 
 

@@ -29,6 +29,8 @@ class Deployed:
     models: list[dict[str, Any]]
     placements: list[dict[str, Any]]
     engines: dict[str, dict[str, Any]]
+    engine: str = "vllm"
+    """What ran the models: `vllm`, or the rehearsal stand-in."""
 
     def to_bytes(self) -> bytes:
         """JSON, for the state store."""
@@ -44,7 +46,12 @@ class Deployed:
             models=document["models"],
             placements=document["placements"],
             engines=document.get("engines", {}),
+            engine=document.get("engine", "vllm"),
         )
+
+    def same_as(self, models: list[dict[str, Any]], engine: str) -> bool:
+        """True when deploying `models` with `engine` would change nothing."""
+        return self.models == models and self.engine == engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,17 +130,24 @@ def replan(
     deployed: Deployed | None,
     running: Collection[str],
     reserve_gib: float,
+    *,
+    engine: str = "vllm",
+    memory_counts_ours: bool = True,
 ) -> Redeploy:
     """Plan `models` onto `cluster` keeping in place every engine in `running` that stays as is.
 
     `deployed` is what was deployed last (None: nothing) and `running` the engines of it that
     Serve still runs. An engine is kept when its launch description (node, GPUs, memory, engine
-    arguments) comes out the same; kept engines hold the GPUs Ray gave them.
+    arguments) comes out the same and `engine` is what runs it; kept engines hold the GPUs Ray
+    gave them. `memory_counts_ours` says whether the cluster's free memory was measured with our
+    engines running (a probe) or not (a cluster file, whose figures never move).
     """
-    if deployed is None:
+    replace_all = deployed is not None and deployed.engine != engine
+    was_running = sorted(running)
+    if deployed is None or replace_all:
         running = ()
     pinned = keep_on_their_nodes(models, deployed)
-    freed = with_own_memory_freed(cluster, deployed)
+    freed = with_own_memory_freed(cluster, deployed) if memory_counts_ours else cluster
     before: Mapping[str, Mapping[str, Any]] = deployed.engines if deployed else {}
     wanted = {m.model_id for m in models}
     in_place = {
@@ -141,6 +155,7 @@ def replan(
         for p in (deployed.placements if deployed else [])
         if p["gpus"] and p["model_id"] in running and p["model_id"] in wanted
     }
+    on_gpus = set(in_place)  # running on GPUs: kept only where they run
     while True:
         plan = plan_models(freed, pinned, estimates, reserve_gib, kept_gpus=in_place)
         specs = engine_specs(plan, models, cluster)
@@ -148,12 +163,18 @@ def replan(
             s.model_id
             for s in specs
             if s.model_id not in running or before.get(s.model_id) != s.llm_config
+        } | {  # the same description on other GPUs: Ray would leave it where it runs
+            p.model_id
+            for p in plan.placements
+            if p.model_id in on_gpus and p.gpus != in_place.get(p.model_id)
         }
         moving = changed & set(in_place)
         if not moving:
             break
         in_place = {m: gpus for m, gpus in in_place.items() if m not in moving}
     placed = {s.model_id for s in specs}
+    if replace_all:  # another engine runs the models: every running one is replaced
+        return Redeploy(plan=plan, specs=specs, start=specs, stop=was_running, keep=[])
     stop = sorted((set(running) & set(before)) - (placed - changed))
     return Redeploy(
         plan=plan,

@@ -1,7 +1,7 @@
 """From a plan to Ray Serve LLM configurations: pure translation, no Ray imported.
 
 Each placed model becomes the keyword arguments of one `ray.serve.llm.LLMConfig`
-(../shared/notes/ray-serve-llm.md says why each key is there):
+(docs/ray-and-vllm-facts.md says why each key is there):
 
 - pinned to its planned node with `deployment_config.placement_group_bundle_label_selector`
   (the node's `rackserve/node` label, else its `ray.io/node-id`), one selector per bundle;

@@ -385,12 +385,6 @@ def test_deploy_refuses_a_cluster_file_ray_does_not_match(rack: Rack, tmp_path: 
 # --- Redeploys ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a redeploy against a cluster file adds the running engines' memory back to free "
-    "memory the file already counts (redeploy.with_own_memory_freed): gpu-a GPU 2 is then "
-    "told 79765 MiB for 78476 usable, and no engine is kept",
-)
 def test_a_redeploy_leaves_kept_engines_on_their_gpus(rack: Rack) -> None:
     first = [
         {"model_id": "r0", "gpu_memory_gib": 30.0, "tensor_parallel_size": 2, "node": "gpu-a"},

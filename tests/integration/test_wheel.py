@@ -1,9 +1,9 @@
 """The wheel carries the playbooks: `rackserve bootstrap` works from an install, not a checkout.
 
-Builds the wheel from the files git knows (tracked, or new and not ignored), installs it (without dependencies) into a new venv that
-borrows this environment's packages through a path entry (so nothing is downloaded and the
-checkout's editable install is not seen), and runs the installed command from a folder outside
-the checkout.
+Builds the wheel from the files git knows (tracked, or new and not ignored), installs it
+(without dependencies) into a new venv that borrows this environment's packages through a path
+entry (so nothing is downloaded and the checkout's editable install is not seen), and runs the
+installed command from a folder outside the checkout.
 """
 
 from __future__ import annotations

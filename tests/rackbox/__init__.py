@@ -4,7 +4,7 @@
         rack.ssh("rb-head", "systemctl is-system-running")
         subprocess.run(["ansible", "-i", rack.inventory, "all", "-m", "ansible.builtin.ping"])
 
-or `python -m tests.rackbox up|down|status`. Needs root. See ../shared/notes/rack-in-a-box.md.
+or `python -m tests.rackbox up|down|status`. Needs root. See docs/rack-in-a-box.md.
 """
 
 from __future__ import annotations

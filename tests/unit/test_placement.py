@@ -330,7 +330,8 @@ def test_engines_that_keep_running_keep_their_gpus() -> None:
     kept = [demand(m, 30, node="n", gpus=where[m]) for m in ("a", "b")]
     again = plan_placements(cluster, [demand("big", 70, tp=2), *kept], reserve_gib=0)
     by_id = {p.model_id: p for p in again.placements}
-    assert by_id["a"].gpus == where["a"] and by_id["b"].gpus == where["b"]
+    assert by_id["a"].gpus == where["a"]
+    assert by_id["b"].gpus == where["b"]
     assert not set(by_id["big"].gpus) & {*where["a"], *where["b"]}
     # Launch order: the running engines hold their bundles before any new one is created.
     assert [p.model_id for p in again.placements][:2] == ["a", "b"]

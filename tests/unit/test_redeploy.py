@@ -149,3 +149,47 @@ def test_redeploys_keep_what_runs_and_never_overbook(
             memory[(p.node, index)] += p.gpu_memory_utilization
     assert all(v <= 1.0 + 1e-9 for v in share.values())
     assert all(v <= 1.0 + 1e-9 for v in memory.values())
+
+
+def test_another_engine_replaces_every_running_one() -> None:
+    wanted = models("{model_id: x, gpu_memory_gib: 30}", "{model_id: y, gpu_memory_gib: 30}")
+    before = record(wanted, deploy(wanted, None))  # ran under vLLM
+    assert not before.same_as(models_document(wanted), "standin")
+    assert before.same_as(models_document(wanted), "vllm")
+    change = replan(
+        CLUSTER, wanted, estimate_models(wanted), before, ["x", "y"], 0.0, engine="standin"
+    )
+    assert change.keep == []
+    assert change.stop == ["x", "y"]
+    assert sorted(s.model_id for s in change.start) == ["x", "y"]
+
+
+def test_a_cluster_file_is_not_given_our_memory_twice() -> None:
+    # A cluster file's free memory never drops while our engines run: adding their memory back
+    # would tell the planner a GPU holds more than it does.
+    one = Cluster(nodes=[node("a", 1)])
+    wanted = models("{model_id: x, gpu_memory_gib: 40}", "{model_id: y, gpu_memory_gib: 30}")
+    before = record(wanted, deploy(wanted, None, one))
+    args = (one, wanted, estimate_models(wanted), before, ["x", "y"], 0.0)
+    from_file = replan(*args, memory_counts_ours=False)
+    assert sorted(from_file.keep) == ["x", "y"]
+    booked = sum(p.gpu_memory_utilization or 0 for p in from_file.plan.placements)
+    assert booked <= 1.0
+    probed = replan(*args)  # a probe's figures: our engines' memory is added back
+    assert sorted(probed.keep) == ["x", "y"]
+
+
+def test_an_engine_that_cannot_stay_on_its_gpu_is_restarted_not_kept() -> None:
+    # Found by the property test: the list reordered and a newcomer sharing GPU 0 changes old0's
+    # memory share, so old0 restarts; re-planned without it, old1 and old0 swap GPUs. An engine
+    # whose description is unchanged but whose GPUs are not is restarted too: Ray would leave
+    # a kept one where it runs, and the plan would not be what runs.
+    old = ["{model_id: old0, gpu_memory_gib: 45}", "{model_id: old1, gpu_memory_gib: 45}"]
+    first = models(*old)
+    before = deploy(first, None)
+    after = deploy(
+        models(old[1], old[0], "{model_id: new0, gpu_memory_gib: 5}"), record(first, before)
+    )
+    for model_id in after.keep:
+        assert gpus(after)[model_id] == gpus(before)[model_id]
+    assert set(after.keep) | {s.model_id for s in after.start} == {"old0", "old1", "new0"}
