@@ -15,15 +15,16 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-PY_PATHS = ["deployer", "tests", "benchmarks", "noxfile.py"]
+PY_PATHS = ["deployer", "tools", "tests", "benchmarks", "noxfile.py"]
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """Ruff (lint and format check) on the Python sources; ansible-lint (production profile)."""
+    """Ruff (lint and format check), the package's import layers, ansible-lint (production)."""
     session.install("-e", ".[lint]")
     session.run("ruff", "check", *PY_PATHS)
     session.run("ruff", "format", "--check", *PY_PATHS)
+    session.run("lint-imports")
     session.run("ansible-lint", "--offline", "--profile", "production")
 
 
@@ -65,7 +66,7 @@ def tests(session: nox.Session) -> None:
 def quickstart(session: nox.Session) -> None:
     """Two tiny models served by rackserve on a local two-node Ray cluster, then stopped."""
     install_serve_stack(session)
-    session.run("python", "-m", "deployer.quickstart", *session.posargs)
+    session.run("python", "-m", "tools.quickstart", *session.posargs)
 
 
 @nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
@@ -73,7 +74,7 @@ def demo(session: nox.Session) -> None:
     """The README's first command (root): a rack-in-a-box of 3 hosts bootstrapped by
     `rackserve bootstrap`, serving two tiny models; `-- --keep` leaves it running."""
     install_serve_stack(session, "bootstrap")  # torch & co. build the tiny models
-    session.run("python", "-m", "deployer.demo", *session.posargs)
+    session.run("python", "-m", "tools.demo", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -113,5 +114,5 @@ def rackbox(session: nox.Session) -> None:
     session.install("PyYAML")
     # `status` exits 3 when the rack is down: an answer, not a failure
     session.run(
-        "python", "-m", "tests.rackbox", *(session.posargs or ["status"]), success_codes=[0, 3]
+        "python", "-m", "tools.rackbox", *(session.posargs or ["status"]), success_codes=[0, 3]
     )

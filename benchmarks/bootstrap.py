@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console
 
-from deployer.bootstrap import run_playbook
-from tests.rackbox import Rack, check_machine
-from tests.rackbox.cluster import RAY_VARS, SITE_DEBS, wait_for_alive_nodes
-from tests.rackbox.wheelhouse import ensure_wheelhouse
+from deployer.bootstrap.runner import run_playbook
+from tools.rackbox import Rack, check_machine
+from tools.rackbox.cluster import RAY_VARS, SITE_DEBS, wait_for_alive_nodes
+from tools.rackbox.wheelhouse import ensure_wheelhouse
 
 PREFIX = "rbb"
 NETWORK = "10.231.30.0/24"

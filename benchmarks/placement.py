@@ -28,9 +28,9 @@ from pathlib import Path
 import yaml
 from ortools.sat.python import cp_model
 
-from deployer.cluster import GIB, Cluster, Gpu, Node, dump_cluster
-from deployer.packing import CAPACITY, PackItem, PackNode, lower_bound
-from deployer.placement import Demand, Plan, packing_problem, plan_placements
+from deployer.config.cluster import GIB, Cluster, Gpu, Node, dump_cluster
+from deployer.planning.packing import CAPACITY, PackItem, PackNode, lower_bound
+from deployer.planning.placement import Demand, Plan, packing_problem, plan_placements
 
 H100_TOTAL_MIB = 81_559
 H100_FREE_MIB = 81_000

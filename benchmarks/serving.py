@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from deployer.local_ray import HEAD_IP, start_ray_cluster, temp_root
-from deployer.quickstart import (
+from tools.local_ray import HEAD_IP, start_ray_cluster, temp_root
+from tools.quickstart import (
     DEFAULT_CACHE,
     ENGINE,
     build_models,

@@ -1,5 +1,5 @@
 """`python -m deployer` is the `rackserve` command."""
 
-from deployer.cli import main
+from deployer.cli.app import main
 
 main()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.local_ray import RayCluster, start_ray_cluster, temp_root
+from tools.local_ray import RayCluster, start_ray_cluster, temp_root
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.ansible import role_docs
+from tools import role_docs
 
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 

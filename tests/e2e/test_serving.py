@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from deployer.local_ray import HEAD_IP, RayCluster
-from deployer.quickstart import ENGINE, http_json
+from tools.local_ray import HEAD_IP, RayCluster
+from tools.quickstart import ENGINE, http_json
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The quickstart's two tiny models, built in a process of their own (torch, see above)."""
     root = tmp_path_factory.mktemp("models")
     script = (
-        "import sys, pathlib; from deployer.quickstart import build_models; "
+        "import sys, pathlib; from tools.quickstart import build_models; "
         "build_models(pathlib.Path(sys.argv[1]))"
     )
     subprocess.run([sys.executable, "-c", script, str(root)], check=True, capture_output=True)

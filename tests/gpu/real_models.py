@@ -3,7 +3,7 @@
 The config.json of each is the published one's shape (layers, heads, sizes, vocabulary, tied
 embeddings), the tensors are the ones transformers names for that architecture, in bfloat16,
 filled from a seeded random block, and the tokenizer is the tiny models' local one
-(deployer/tiny_models.py; its ids fit in any vocabulary). vLLM loads and serves them like the
+(tools/tiny_models.py; its ids fit in any vocabulary). vLLM loads and serves them like the
 real checkpoints, so memory measured on a GPU compares with what rackserve estimates for the
 real models. Needs torch, transformers and safetensors; built once into a cache.
 """
@@ -70,7 +70,7 @@ RANDOM_BLOCK = 1 << 24  # elements drawn once; tensors are filled from it at see
 
 def _tokenizer(cache: Path) -> tuple[Path, dict[str, Any]]:
     """The tiny models' tokenizer directory and its special token ids."""
-    from deployer.tiny_models import build_tiny_model  # noqa: PLC0415 - needs torch
+    from tools.tiny_models import build_tiny_model  # noqa: PLC0415 - needs torch
 
     tiny = build_tiny_model(cache / "tokenizer-source")
     config = json.loads((tiny / "config.json").read_text())

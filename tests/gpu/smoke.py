@@ -41,8 +41,8 @@ from urllib.error import HTTPError, URLError
 
 import yaml
 
-from deployer.cluster import MIB, parse_cluster
-from deployer.estimate import CUDA_CONTEXT_GIB
+from deployer.config.cluster import MIB, parse_cluster
+from deployer.planning.estimate import CUDA_CONTEXT_GIB
 from tests.gpu.measure import (
     VllmReport,
     memory_of,
@@ -238,7 +238,7 @@ def check_plan(smoke: Smoke, plan: dict[str, Any], total_gib: float) -> bool:
 
 def check_deploy(smoke: Smoke, plan: dict[str, Any], seconds: float) -> bool:
     """`rackserve status`: each model healthy on the node and GPUs of the plan."""
-    from deployer.launch import model_statuses  # noqa: PLC0415 - needs Ray
+    from deployer.serving.launch import model_statuses  # noqa: PLC0415 - needs Ray
 
     rackserve("status", "--address", smoke.address)
     statuses = {s.model_id: s for s in model_statuses(smoke.address)}
@@ -268,7 +268,7 @@ def print_standin_reports(address: str) -> None:
     import ray
     from ray import serve
 
-    from deployer.launch import model_app_name  # noqa: PLC0415
+    from deployer.serving.applications import model_app_name  # noqa: PLC0415
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     reports = {
@@ -418,7 +418,7 @@ def engine_processes(smoke: Smoke) -> dict[str, tuple[set[int], set[int]]]:
     group) and those with their descendants."""
     from ray.util.state import list_actors
 
-    from deployer.launch import model_app_name  # noqa: PLC0415
+    from deployer.serving.applications import model_app_name  # noqa: PLC0415
 
     actors = list_actors(
         address=smoke.dashboard,
@@ -698,8 +698,8 @@ def finish(smoke: Smoke) -> int:
 
 def run_without_ray(smoke: Smoke) -> int:
     """Where Ray is not installed: the probe's own NVML reader against nvidia-smi, nothing else."""
-    from deployer.cluster import Cluster, dump_cluster  # noqa: PLC0415
-    from deployer.nvml_reader import read_node  # noqa: PLC0415
+    from deployer.config.cluster import Cluster, dump_cluster  # noqa: PLC0415
+    from deployer.serving.nvml_reader import read_node  # noqa: PLC0415
 
     probed = smoke.out / "cluster-probed.json"
     probed.write_text(dump_cluster(Cluster(nodes=[read_node(NODE)])))

@@ -40,7 +40,7 @@ mkdir -p "$OUT"
 CACHE=${SMOKE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rackserve/gpu-smoke}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
-# Token authentication off, as in deployer/local_ray.py: Ray 2.60 switches it on for `ray start`
+# Token authentication off, as in tools/local_ray.py: Ray 2.60 switches it on for `ray start`
 # when ~/.ray/auth_token exists, while drivers given an address do not send the token.
 export RAY_AUTH_MODE=disabled
 unset RAY_ADDRESS

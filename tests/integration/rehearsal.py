@@ -1,4 +1,4 @@
-"""What the GPU rehearsal runs in a process of its own: `deployer.launch.deploy` with the stand-in.
+"""What the GPU rehearsal runs in a process of its own: `launch.deploy` with the stand-in.
 
 Deploying imports Ray Serve LLM, hence vLLM and torch, which cannot load in a pytest process
 where ansible-core has patched sys.intern (tests/ansible); so the rehearsal runs these
@@ -15,13 +15,15 @@ from typing import Any
 
 from rich.console import Console
 
-from deployer.cluster import parse_cluster
-from deployer.launch import DeployOptions, deploy, deployment_name, down, model_app_name
-from deployer.local_ray import HEAD_IP
-from deployer.models_config import ModelConfig, ModelManager
-from deployer.placement import Plan
-from deployer.probe import connect
-from deployer.standin import EngineReport
+from deployer.cli.render import plain_lines, print_plan
+from deployer.config.cluster import parse_cluster
+from deployer.config.models_config import ModelConfig, ModelManager
+from deployer.planning.placement import Plan
+from deployer.serving.applications import ENGINE_DEPLOYMENT, model_app_name
+from deployer.serving.launch import DeployOptions, deploy, down
+from deployer.serving.probe import connect
+from deployer.serving.standin import EngineReport
+from tools.local_ray import HEAD_IP
 
 
 def init_process() -> None:
@@ -57,7 +59,8 @@ def deploy_standin(
         cluster=parse_cluster(cluster, source="cluster file"),
     )
     registry = ModelManager([ModelConfig.model_validate(m) for m in models])
-    plan = deploy(registry, options, Console(file=out, width=160))
+    console = Console(file=out, width=160)
+    plan = deploy(registry, options, plain_lines(console), lambda plan: print_plan(console, plan))
     return Rehearsed(plan, read_reports(address, [m["model_id"] for m in models]), out.getvalue())
 
 
@@ -74,7 +77,7 @@ def read_reports(address: str, model_ids: list[str]) -> dict[str, EngineReport]:
             if model_app_name(model_id) not in running:
                 continue
             handle = serve.get_deployment_handle(
-                deployment_name(model_id), app_name=model_app_name(model_id)
+                ENGINE_DEPLOYMENT, app_name=model_app_name(model_id)
             )
             try:
                 reports[model_id] = handle.report.remote().result(timeout_s=120)
@@ -89,7 +92,7 @@ def down_all(address: str) -> str:
     """`rackserve down`: remove the application and every engine."""
 
     out = io.StringIO()
-    down(address, Console(file=out, width=160))
+    down(address, plain_lines(Console(file=out, width=160)))
     return out.getvalue()
 
 

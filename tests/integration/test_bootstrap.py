@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from deployer.bootstrap import parse_extravars, run_playbook
+from deployer.bootstrap.runner import parse_extravars, run_playbook
 from deployer.errors import ConfigError
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ cluster: a head (127.0.0.2, no GPU), `gpu-a` (127.0.0.3, 4 logical H100s) and `g
 (127.0.0.4, 8 logical A100s), described by a cluster file with chosen free memory. Checked:
 
 - Ray's own GPU choice in the two measured cases of issue 16 (plain placement groups);
-- random model sets planned and deployed through `deployer.launch.deploy` with the stand-in
+- random model sets planned and deployed through `deployer.serving.launch.deploy` with the stand-in
   engine: every engine runs on the node and GPUs the plan printed, with its environment and
   `gpu_memory_utilization`, and the engines that really share a GPU fit in its memory;
 - a redeploy keeps the engines it leaves in place on their GPUs, unrestarted.
@@ -37,13 +37,14 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from deployer.cluster import NODE_LABEL, Cluster, Gpu, parse_cluster
-from deployer.local_ray import HEAD_IP, WorkerSpec, start_ray_cluster, temp_root
-from deployer.models_config import ModelConfig, ModelManager
-from deployer.packing import CAPACITY
-from deployer.placement import Plan, ray_assigns_bundle
-from deployer.workflow import estimate_models, plan_models
+from deployer.config.cluster import NODE_LABEL, Cluster, Gpu, parse_cluster
+from deployer.config.models_config import ModelConfig, ModelManager
+from deployer.planning.packing import CAPACITY
+from deployer.planning.placement import Plan, ray_assigns_bundle
+from deployer.planning.workflow import plan_models
+from deployer.sources.estimates import estimate_models
 from tests.integration import rehearsal
+from tools.local_ray import HEAD_IP, WorkerSpec, start_ray_cluster, temp_root
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu_rehearsal]
 

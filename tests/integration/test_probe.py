@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from deployer.cluster import dump_cluster, parse_cluster
-from deployer.local_ray import HEAD_IP, WORKER_IP, RayCluster
-from deployer.probe import NODE_LABEL, ProbeError, probe_cluster
+from deployer.config.cluster import dump_cluster, parse_cluster
+from deployer.serving.probe import NODE_LABEL, ProbeError, probe_cluster
+from tools.local_ray import HEAD_IP, WORKER_IP, RayCluster
 
 pytestmark = pytest.mark.integration
 

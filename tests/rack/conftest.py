@@ -3,7 +3,7 @@
 Needs root and a machine where systemd-nspawn boots; skips with the reason otherwise, unless
 RACKSERVE_RACK_REQUIRED=1 (CI), where that is a failure. The rack's name prefix and network
 come from RACKSERVE_RACK_PREFIX / RACKSERVE_RACK_NETWORK (default rbt, 10.231.1.0/24), apart
-from `python -m tests.rackbox up`'s default rack (rb, 10.231.0.0/24); the wheelhouse from
+from `python -m tools.rackbox up`'s default rack (rb, 10.231.0.0/24); the wheelhouse from
 RACKSERVE_WHEELHOUSE (else an empty directory).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.rackbox import Rack, RackUnavailable, rack_status
+from tools.rackbox import Rack, RackUnavailable, rack_status
 
 RACK_HOSTS = 3
 

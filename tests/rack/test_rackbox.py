@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from tests.rack.conftest import skip_or_fail
-from tests.rackbox import WHEELHOUSE_MOUNT, Rack, RackSpec, RackUnavailable, rack_status
-from tests.rackbox.cgroup import host_cgroups
-from tests.rackbox.image import Recipe, prune_bases
-from tests.rackbox.inventory import inventory_data
-from tests.rackbox.nspawn import host_files
-from tests.rackbox.spec import cgroup_name
-from tests.rackbox.system import debian_mirror, parse_deb822_sources, parse_one_line_sources
+from tools.rackbox import WHEELHOUSE_MOUNT, Rack, RackSpec, RackUnavailable, rack_status
+from tools.rackbox.cgroup import host_cgroups
+from tools.rackbox.image import Recipe, prune_bases
+from tools.rackbox.inventory import inventory_data
+from tools.rackbox.nspawn import host_files
+from tools.rackbox.spec import cgroup_name
+from tools.rackbox.system import debian_mirror, parse_deb822_sources, parse_one_line_sources
 
 # ---------------------------------------------------------------- pure parts (no root needed)
 
@@ -289,7 +289,7 @@ def test_down_from_another_process_after_up_keep(small_rack: Rack, lose_state_fi
     argv = ["up", "--keep", "--hosts", "1", "--name-prefix", spec.prefix,
             "--network", spec.network, "--cache-dir", str(spec.cache_dir)]  # fmt: skip
     up = subprocess.run(
-        [sys.executable, "-m", "tests.rackbox", *argv],
+        [sys.executable, "-m", "tools.rackbox", *argv],
         capture_output=True, text=True, check=False, timeout=900,
     )  # fmt: skip
     if up.returncode == 4:  # this machine cannot run a rack

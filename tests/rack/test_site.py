@@ -1,7 +1,7 @@
 """site.yml and reset.yml on a 3-host rack-in-a-box (1 head, 2 workers), through the API of
-`rackserve bootstrap` (`deployer.bootstrap.run_playbook`).
+`rackserve bootstrap` (`deployer.bootstrap.runner.run_playbook`).
 
-The hosts are offline: the python_env role installs from the wheelhouse (tests/rackbox/
+The hosts are offline: the python_env role installs from the wheelhouse (tools/rackbox/
 wheelhouse.py, built once and cached), bind-mounted at /srv/wheelhouse. Models are not deployed
 here (`deploy_models_enabled: false`; `nox -s demo` serves them). In order, on one rack: the
 first converge, Ray's node table (3 alive nodes, the inventory's IPs and labels), the GPU-less
@@ -25,14 +25,14 @@ from typing import Any
 import pytest
 import yaml
 
-from deployer import demo_standin
 from tests.rack.conftest import booted, skip_or_fail
-from tests.rackbox import Rack, RackError, RackUnavailable, check_machine
-from tests.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
-from tests.rackbox.nspawn import nspawn_argv
-from tests.rackbox.rack import check_binds
-from tests.rackbox.state import HostState
-from tests.rackbox.wheelhouse import (
+from tools import demo_standin
+from tools.rackbox import Rack, RackError, RackUnavailable, check_machine
+from tools.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
+from tools.rackbox.nspawn import nspawn_argv
+from tools.rackbox.rack import check_binds
+from tools.rackbox.state import HostState
+from tools.rackbox.wheelhouse import (
     REPO,
     ensure_wheelhouse,
     role_requirements,
@@ -149,7 +149,7 @@ def bootstrap(rack: Rack, playbook: str = "site", **kwargs: Any) -> Run:
     """Run a playbook on the rack like `rackserve bootstrap`, keeping its progress output."""
     from rich.console import Console  # noqa: PLC0415
 
-    from deployer.bootstrap import run_playbook  # noqa: PLC0415 - the bootstrap extra
+    from deployer.bootstrap.runner import run_playbook  # noqa: PLC0415 - the bootstrap extra
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=200, no_color=True, soft_wrap=True)

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from deployer.checkpoint import local_checkpoint_size, read_model_files, safetensors_header_sizes
-from deployer.estimate import EstimateError, estimate_memory
-from deployer.models_config import ModelConfig
+from deployer.config.models_config import ModelConfig
+from deployer.planning.estimate import EstimateError, estimate_memory
+from deployer.sources.checkpoint import (
+    local_checkpoint_size,
+    read_model_files,
+    safetensors_header_sizes,
+)
 from tests.hf_data import hf_config
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.cli import main
+from deployer.cli.app import main
 from tests.hf_data import HF_CONFIGS
 
 pytestmark = pytest.mark.unit
@@ -210,7 +210,7 @@ def test_plan_runs_without_ray_vllm_or_torch(files: dict[str, Path]) -> None:
         "import sys\n"
         "for name in ('ray', 'vllm', 'torch'):\n"
         "    sys.modules[name] = None\n"
-        "from deployer.cli import main\n"
+        "from deployer.cli.app import main\n"
         f"main(['plan', '-c', {str(files['cluster'])!r}, '-m', {str(files['models'])!r},"
         " '--json', '-'])\n"
     )

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from deployer.architecture import count_parameters, parse_architecture
-from deployer.cluster import GIB
-from deployer.estimate import (
+from deployer.config.cluster import GIB
+from deployer.config.models_config import ModelConfig
+from deployer.planning.architecture import count_parameters, parse_architecture
+from deployer.planning.estimate import (
     DEFAULT_OVERHEAD_GIB,
     CheckpointSize,
     EstimateError,
     estimate_memory,
     kv_cache_bytes_per_token,
 )
-from deployer.models_config import ModelConfig
 from tests.hf_data import hf_config, hf_facts
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.models_config import ModelConfig
+from deployer.config.models_config import ModelConfig
 
 pytestmark = pytest.mark.unit
 

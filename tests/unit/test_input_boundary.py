@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from deployer.documents import (
+from deployer.cli.options import check_output_target
+from deployer.config.documents import (
     MAX_DEPTH,
     MAX_VALUES,
     DocumentError,
@@ -17,9 +18,8 @@ from deployer.documents import (
     parse_document,
     parse_json,
 )
+from deployer.config.models_config import load_models, parse_models_config
 from deployer.errors import MAX_PROBLEMS, ConfigError, printable, shown
-from deployer.models_config import load_models, parse_models_config
-from deployer.options import check_output_target
 
 pytestmark = pytest.mark.unit
 
@@ -161,7 +161,7 @@ def without(module: str, *argv: str) -> subprocess.CompletedProcess[str]:
     """The command line in a fresh interpreter in which `module` cannot be imported."""
     script = (
         f"import sys\nsys.modules[{module!r}] = None\n"
-        "from deployer.cli import main\nmain(sys.argv[1:])\n"
+        "from deployer.cli.app import main\nmain(sys.argv[1:])\n"
     )
     return subprocess.run(
         [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False
@@ -188,7 +188,7 @@ def test_bootstrap_without_ansible_names_the_extra(tmp_path: Path) -> None:
 
 
 def test_extra_vars_files_go_through_the_same_boundary(tmp_path: Path) -> None:
-    from deployer.bootstrap import parse_extravars  # noqa: PLC0415 - no ansible needed
+    from deployer.bootstrap.runner import parse_extravars  # noqa: PLC0415 - no ansible needed
 
     bad = tmp_path / "vars.yml"
     bad.write_bytes(b"a: \xff\n")

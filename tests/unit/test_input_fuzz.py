@@ -3,7 +3,7 @@
 Hypothesis builds hostile models files, cluster files, `MODELS_CONFIG` values, config.json
 files and safetensors headers (random bytes, deep nesting, huge and non-finite numbers, markup
 and control characters, wrong types, YAML aliases) and runs each through the real command line
-entry point, `deployer.cli.main`, in this process. Each run must exit 0, 2 or 3, let no
+entry point, `deployer.cli.app.main`, in this process. Each run must exit 0, 2 or 3, let no
 exception escape, finish in bounded time and print a bounded message. About a minute in all.
 """
 
@@ -25,8 +25,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployer.cli import main
-from deployer.models_config import ModelConfig
+from deployer.cli.app import main
+from deployer.config.models_config import ModelConfig
 from tests.hf_data import hf_config
 
 pytestmark = pytest.mark.unit

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from deployer.config.models_config import (
+    ModelConfig,
+    ModelManager,
+    load_models,
+    parse_models_config,
+)
 from deployer.errors import ConfigError, ExitCode
-from deployer.models_config import ModelConfig, ModelManager, load_models, parse_models_config
 
 pytestmark = pytest.mark.unit
 

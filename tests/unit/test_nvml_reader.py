@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deployer.cluster import MIB, Cluster, dump_cluster, parse_cluster
+from deployer.config.cluster import MIB, Cluster, dump_cluster, parse_cluster
 from deployer.errors import RackserveError
-from deployer.nvml_reader import (
+from deployer.serving.nvml_reader import (
     NvmlError,
     read_available_memory_mib,
     read_gpus,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployer.packing import CAPACITY, ItemPlace, PackItem, PackNode, lower_bound, pack
+from deployer.planning.packing import CAPACITY, ItemPlace, PackItem, PackNode, lower_bound, pack
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployer.cluster import GIB, MIB, Cluster, Gpu, Node
+from deployer.config.cluster import GIB, MIB, Cluster, Gpu, Node
 from deployer.errors import ConfigError
-from deployer.packing import CAPACITY
-from deployer.placement import Demand, Plan, plan_placements, ray_assigns_bundle
+from deployer.planning.packing import CAPACITY
+from deployer.planning.placement import Demand, Plan, plan_placements, ray_assigns_bundle
 
 pytestmark = pytest.mark.unit
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployer.cli import main
-from deployer.render import FULL_TABLE_ROWS
+from deployer.cli.app import main
+from deployer.cli.render import FULL_TABLE_ROWS
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from deployer.probe import NODE_LABEL, ProbeError, RayNode, node_name, nodes_to_probe
+from deployer.serving.probe import NODE_LABEL, ProbeError, RayNode, node_name, nodes_to_probe
 
 pytestmark = pytest.mark.unit
 

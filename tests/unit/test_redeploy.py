@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployer.cluster import Cluster, Gpu, Node
-from deployer.models_config import ModelManager, parse_models_config
-from deployer.redeploy import Deployed, Redeploy, models_document, replan
-from deployer.serve_config import NODE_LABEL
-from deployer.workflow import estimate_models
+from deployer.config.cluster import Cluster, Gpu, Node
+from deployer.config.models_config import ModelManager, parse_models_config
+from deployer.planning.redeploy import Deployed, Redeploy, models_document, replan
+from deployer.planning.serve_config import NODE_LABEL
+from deployer.sources.estimates import estimate_models
 
 pytestmark = pytest.mark.unit
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from deployer.cluster import GIB, Cluster, Gpu, Node
+from deployer.config.cluster import GIB, Cluster, Gpu, Node
+from deployer.config.models_config import ModelManager, parse_models_config
 from deployer.errors import ConfigError
-from deployer.models_config import ModelManager, parse_models_config
-from deployer.placement import Demand, plan_placements
-from deployer.serve_config import NODE_LABEL, engine_specs, route_prefix, waves
+from deployer.planning.placement import Demand, plan_placements
+from deployer.planning.serve_config import NODE_LABEL, engine_specs, route_prefix, waves
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,1 @@
+"""Bootstrapping a rack: the playbooks through ansible-runner."""

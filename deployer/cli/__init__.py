@@ -1,0 +1,1 @@
+"""The `rackserve` command line and its tables."""

@@ -1,0 +1,317 @@
+"""The `rackserve` command line.
+
+Exit codes: 0 success; 1 the environment failed; 2 bad input (nothing planned or launched);
+3 some model could not be placed (nothing launched).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.console import Console
+
+from deployer import __version__
+from deployer.cli.options import (
+    check_output_target,
+    print_error,
+    require,
+    reserve_gib,
+    write_output,
+)
+from deployer.cli.render import (
+    cluster_table,
+    estimates_table,
+    plain_lines,
+    print_plan,
+    status_table,
+)
+from deployer.config.cluster import dump_cluster, load_cluster
+from deployer.config.models_config import load_models
+from deployer.errors import ExitCode, RackserveError
+from deployer.planning.placement import DEFAULT_RESERVE_GIB
+from deployer.planning.serve_config import APP_NAME, DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
+from deployer.planning.workflow import plan_models
+from deployer.sources.estimates import estimate_models
+
+app = typer.Typer(
+    name="rackserve",
+    help="Plan and serve many LLMs on the GPUs of an on-prem rack.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Wide enough for the tables when output goes to a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() else 132)
+errors = Console(stderr=True)
+
+ModelsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--models",
+        "-m",
+        help="Models file (YAML or JSON, top-level `models:` list). "
+        "Default: $MODELS_CONFIG, then $MODEL_ID.",
+        dir_okay=False,
+    ),
+]
+ReserveOption = Annotated[
+    float,
+    typer.Option(
+        help="GiB held back on every GPU (and CPU node); 0 uses all free memory.",
+        callback=reserve_gib,
+    ),
+]
+JsonOption = Annotated[
+    str | None,
+    typer.Option("--json", help="Also write the result as JSON to this file ('-' for stdout)."),
+]
+
+
+def _write_json(target: str, document: dict[str, Any] | list[Any]) -> None:
+    _write_text(target, json.dumps(document, indent=2) + "\n")
+
+
+def _write_text(target: str, text: str) -> None:
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        write_output(target, text)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"rackserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Plan and serve many LLMs on the GPUs of an on-prem rack."""
+
+
+@app.command()
+def estimate(models: ModelsOption = None, json_out: JsonOption = None) -> None:
+    """Estimate each model's memory per GPU: weights, KV cache, overhead."""
+    check_output_target(json_out)
+    registry = load_models(models)
+    estimates = estimate_models(registry)
+    if json_out != "-":
+        console.print(estimates_table(estimates))
+    if json_out:
+        _write_json(json_out, [e.as_json() for e in estimates])
+
+
+@app.command()
+def plan(
+    cluster: Annotated[
+        Path,
+        typer.Option(
+            "--cluster",
+            "-c",
+            help="Cluster file (YAML or JSON), as `probe` writes.",
+            dir_okay=False,
+        ),
+    ],
+    models: ModelsOption = None,
+    json_out: JsonOption = None,
+    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full", help="One row per model and per GPU even at rack scale (default: by node)."
+        ),
+    ] = False,
+) -> None:
+    """Place the models on the cluster's GPUs; exit 3 if some model does not fit."""
+    check_output_target(json_out)
+    registry = load_models(models)
+    the_cluster = load_cluster(cluster)
+    result = plan_models(the_cluster, registry, estimate_models(registry), reserve_gib)
+    if json_out != "-":
+        print_plan(console, result, full=full)
+    if json_out:
+        _write_json(json_out, result.as_json())
+    if result.unplaced:
+        raise typer.Exit(ExitCode.UNPLACED)
+
+
+AddressOption = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        "-a",
+        envvar="RAY_ADDRESS",
+        help="Ray cluster: HOST:PORT (GCS), ray://HOST:10001 (Ray Client) or 'auto'.",
+    ),
+]
+
+
+@app.command()
+def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
+    """Probe every Ray node's GPUs (NVML) or memory; write the cluster file `plan` reads."""
+    check_output_target(json_out)
+    require("ray", "probe")
+    from deployer.serving.probe import probe_cluster  # noqa: PLC0415 - needs Ray
+
+    cluster = probe_cluster(address)
+    if json_out != "-":
+        console.print(cluster_table(cluster))
+    if json_out:
+        _write_text(json_out, dump_cluster(cluster))
+
+
+HttpHostOption = Annotated[
+    str, typer.Option("--http-host", help="Address the OpenAI endpoint listens on (head node).")
+]
+HttpPortOption = Annotated[
+    int, typer.Option("--http-port", min=1, max=65535, help="Port of the OpenAI endpoint.")
+]
+
+
+@app.command()
+def deploy(
+    models: ModelsOption = None,
+    address: AddressOption = "auto",
+    plan_only: Annotated[
+        bool, typer.Option("--plan-only", help="Probe, plan and print the plan; launch nothing.")
+    ] = False,
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="Launch the models that fit even if some don't.")
+    ] = False,
+    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
+    http_host: HttpHostOption = DEFAULT_HTTP_HOST,
+    http_port: HttpPortOption = DEFAULT_HTTP_PORT,
+    engine: Annotated[
+        Literal["vllm", "standin"],
+        typer.Option(
+            "--engine",
+            help="vllm serves the models; standin rehearses the launch on the same GPUs and "
+            "bundles with a stand-in that serves nothing (dry runs, logical GPUs).",
+        ),
+    ] = "vllm",
+    cluster: Annotated[
+        Path | None,
+        typer.Option(
+            "--cluster",
+            "-c",
+            help="Plan on this cluster file instead of probing (logical GPUs: NVML finds none); "
+            "each node must be a Ray node labelled rackserve/node=NAME with at least its GPUs.",
+            dir_okay=False,
+        ),
+    ] = None,
+) -> None:
+    """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
+    require("ray.serve", "deploy")
+    from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray
+    from deployer.serving.launch import deploy as run_deploy  # noqa: PLC0415
+
+    registry = load_models(models)
+    options = DeployOptions(
+        address,
+        plan_only,
+        allow_partial,
+        reserve_gib,
+        http_host,
+        http_port,
+        engine=engine,
+        cluster=load_cluster(cluster) if cluster else None,
+    )
+    run_deploy(registry, options, plain_lines(console), lambda plan: print_plan(console, plan))
+
+
+@app.command()
+def status(address: AddressOption = "auto") -> None:
+    """Each deployed model's node, GPUs, state and health; exit 1 if any is unhealthy."""
+    require("ray.serve", "status")
+    from deployer.serving.launch import model_statuses  # noqa: PLC0415 - needs Ray
+
+    statuses = model_statuses(address)
+    if not statuses:
+        console.print(f"no {APP_NAME!r} application is deployed")
+        return
+    console.print(status_table(statuses))
+    if not all(s.healthy for s in statuses):
+        raise typer.Exit(ExitCode.FAILURE)
+
+
+@app.command()
+def down(address: AddressOption = "auto") -> None:
+    """Remove the application and every model in it."""
+    require("ray.serve", "down")
+    from deployer.serving.launch import down as run_down  # noqa: PLC0415 - needs Ray
+
+    run_down(address, plain_lines(console))
+
+
+@app.command()
+def bootstrap(
+    inventory: Annotated[
+        Path, typer.Option("--inventory", "-i", help="The rack's inventory (hosts.yml).")
+    ],
+    playbook: Annotated[
+        str, typer.Option("--playbook", "-p", help="site (bootstrap) or reset (tear down).")
+    ] = "site",
+    limit: Annotated[
+        str | None, typer.Option("--limit", "-l", help="Only these hosts or groups.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Report what would change; change nothing.")
+    ] = False,
+    syntax_check: Annotated[
+        bool,
+        typer.Option("--syntax-check", help="Only parse the playbook and roles; reach no host."),
+    ] = False,
+    extra_vars: Annotated[
+        list[str] | None,
+        typer.Option("--extra-vars", "-e", help="KEY=VALUE (YAML value) or @FILE; repeatable."),
+    ] = None,
+    tags: Annotated[
+        str | None,
+        typer.Option("--tags", "-t", help="Only these steps, e.g. ray_worker,ray_firewall."),
+    ] = None,
+    skip_tags: Annotated[
+        str | None, typer.Option("--skip-tags", help="All steps but these, e.g. models.")
+    ] = None,
+) -> None:
+    """Bootstrap the rack with Ansible (playbooks/site.yml) and show live progress."""
+    from deployer.bootstrap.runner import (  # noqa: PLC0415 - ansible
+        BOOTSTRAP_HINT,
+        parse_extravars,
+        run_playbook,
+    )
+
+    require("ansible_runner", "bootstrap", BOOTSTRAP_HINT)
+
+    result = run_playbook(
+        inventory,
+        playbook,
+        parse_extravars(extra_vars or []),
+        limit,
+        check,
+        console,
+        tags=tags,
+        skip_tags=skip_tags,
+        syntax_check=syntax_check,
+    )
+    if not result.ok:
+        raise typer.Exit(ExitCode.FAILURE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; expected errors print one message and exit with their code.
+
+    Usage errors (a missing or malformed option) exit 2 through click, like bad input.
+    """
+    try:
+        app(args=argv, prog_name="rackserve")
+    except RackserveError as exc:
+        print_error(errors, exc)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,229 @@
+"""Tables for the terminal (rich): estimates, plans and per-GPU fill.
+
+Every value that comes from the input (model ids, node and GPU names, reasons quoting them) goes
+into the tables as plain `Text` with control characters escaped: never read as Rich markup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from deployer.config.cluster import GIB, MIB, Cluster
+from deployer.errors import printable
+from deployer.planning.estimate import MemoryEstimate
+from deployer.planning.placement import DeviceFill, Plan
+from deployer.planning.serve_config import APP_NAME
+
+if TYPE_CHECKING:
+    from deployer.serving.launch import ModelStatus
+
+
+def _text(value: str | None) -> Text:
+    """A table cell holding input data: plain text, control characters escaped."""
+    return Text("-" if value is None else printable(value))
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def estimates_table(estimates: Sequence[MemoryEstimate]) -> Table:
+    """One row per model: weights, KV cache and overhead per GPU, and the total."""
+    table = Table(title="Memory per GPU (GiB)", title_justify="left")
+    for column in ("model", "tp", "weights", "KV/token", "KV tokens", "KV", "overhead", "total"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_column("weights from")
+    for e in estimates:
+        per_token = e.kv_cache_bytes_per_token_per_gpu
+        table.add_row(
+            _text(e.model_id),
+            str(e.tensor_parallel_size),
+            _gib(e.weights_bytes_per_gpu),
+            "-" if per_token is None else f"{per_token / 1024:.1f} KiB",
+            "-" if e.kv_cache_tokens is None else f"{e.kv_cache_tokens:,}",
+            _gib(e.kv_cache_bytes_per_gpu),
+            _gib(e.overhead_bytes_per_gpu),
+            _gib(e.total_bytes_per_gpu),
+            _text(e.weights_from),
+        )
+    return table
+
+
+def cluster_table(cluster: Cluster) -> Table:
+    """One row per GPU (or CPU node): what the probe found."""
+    table = Table(title="Cluster", title_justify="left")
+    for column in ("node", "ip", "GPU", "name", "total GiB", "free GiB", "driver"):
+        table.add_column(column, justify="right" if "GiB" in column else "left")
+    for node in cluster.nodes:
+        if node.is_cpu_node:
+            memory = (node.cpu_memory_mib or 0) * MIB
+            table.add_row(_text(node.name), _text(node.ip), "-", "CPU", "-", _gib(memory), "-")
+        for gpu in node.gpus:
+            table.add_row(
+                _text(node.name),
+                _text(node.ip),
+                str(gpu.index),
+                _text(gpu.name),
+                _gib(gpu.memory_total_mib * MIB),
+                _gib(gpu.memory_free_mib * MIB),
+                _text(node.driver_version),
+            )
+    return table
+
+
+def plan_table(plan: Plan) -> Table:
+    """One row per placement, in launch order."""
+    table = Table(title="Plan (launch order)", title_justify="left")
+    table.add_column("model")
+    table.add_column("node")
+    if plan.device == "gpu":
+        for column in ("GPUs", "GiB/GPU", "fraction", "gpu_mem_util", "extra KV GiB"):
+            table.add_column(column, justify="right")
+    else:
+        for column in ("GiB", "KV cache MiB"):
+            table.add_column(column, justify="right")
+    for p in plan.placements:
+        if plan.device == "gpu":
+            table.add_row(
+                _text(p.model_id),
+                _text(p.node),
+                ",".join(map(str, p.gpus)),
+                _gib(p.gpu_memory_bytes),
+                f"{p.gpu_fraction:.4f}" if p.gpu_fraction is not None else "-",
+                f"{p.gpu_memory_utilization:.4f}" if p.gpu_memory_utilization is not None else "-",
+                _gib(p.extra_kv_bytes),
+            )
+        else:
+            table.add_row(
+                _text(p.model_id),
+                _text(p.node),
+                _gib(p.gpu_memory_bytes),
+                _gib(p.kv_cache_memory_bytes),
+            )
+    return table
+
+
+def fill_table(plan: Plan) -> Table:
+    """How full each device is; unused devices are summed in the caption."""
+    unit = "GPU" if plan.device == "gpu" else "CPU node"
+    table = Table(title=f"{unit} fill", title_justify="left")
+    for column in ("node", unit, "booked GiB", "usable GiB", "fill", "models"):
+        table.add_column(column, justify="right" if "GiB" in column or column == "fill" else "left")
+    idle = 0
+    for fill in plan.fills:
+        if not fill.tenants:
+            idle += 1
+            continue
+        share = fill.booked_bytes / fill.usable_bytes if fill.usable_bytes else 0.0
+        table.add_row(
+            _text(fill.node),
+            "-" if fill.index is None else str(fill.index),
+            _gib(fill.booked_bytes),
+            _gib(fill.usable_bytes),
+            f"{share:.0%}",
+            _text(", ".join(fill.tenants)),
+        )
+    table.caption = (
+        f"{plan.gpus_used} {unit}(s) used on {plan.nodes_used} node(s); {idle} left free"
+        + ("; optimal (proven)" if plan.proven_optimal else "")
+    )
+    return table
+
+
+FULL_TABLE_ROWS = 48
+"""Above this many placements, `print_plan` shows one line per node unless asked for full tables."""
+
+
+def node_summary_lines(plan: Plan) -> list[str]:
+    """One plain line per node in use: devices used, models, booked and usable memory.
+
+    Plain text, not a Rich table: at rack scale (thousands of rows) Rich's layout takes seconds.
+    """
+    per_node: dict[str, list[DeviceFill]] = {}
+    for fill in plan.fills:
+        per_node.setdefault(fill.node, []).append(fill)
+    unit = "GPUs" if plan.device == "gpu" else "CPU"
+    rows = [("node", f"{unit} used", "models", "booked GiB", "usable GiB", "fill")]
+    for node, fills in per_node.items():
+        used = [f for f in fills if f.tenants]
+        if not used:
+            continue
+        booked = sum(f.booked_bytes for f in used)
+        usable = sum(f.usable_bytes for f in fills)
+        models = len({t for f in used for t in f.tenants})
+        rows.append(
+            (
+                printable(node),
+                f"{len(used)}/{len(fills)}",
+                str(models),
+                f"{booked / GIB:.1f}",
+                f"{usable / GIB:.1f}",
+                f"{booked / usable:.0%}" if usable else "-",
+            )
+        )
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.ljust(width) if k == 0 else cell.rjust(width)
+            for k, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+
+
+def print_plan(console: Console, plan: Plan, full: bool = False) -> None:
+    """The plan, the fill summary and the models left out.
+
+    Above FULL_TABLE_ROWS placements, one line per node instead of the two tables, unless `full`.
+    """
+    if full or len(plan.placements) <= FULL_TABLE_ROWS:
+        console.print(plan_table(plan))
+        console.print(fill_table(plan))
+    else:
+        console.print(
+            f"Plan by node ({len(plan.placements)} placements; --full lists each model and GPU)",
+            markup=False,
+            highlight=False,
+        )
+        console.file.write("\n".join(node_summary_lines(plan)) + "\n")
+        unit = "GPU" if plan.device == "gpu" else "CPU node"
+        console.print(
+            f"{plan.gpus_used} {unit}(s) used on {plan.nodes_used} node(s)"
+            + ("; optimal (proven)" if plan.proven_optimal else ""),
+            markup=False,
+            highlight=False,
+        )
+    for u in plan.unplaced:
+        console.print(
+            Text.assemble(
+                ("not placed", "bold red"), f" {printable(u.model_id)}: {printable(u.reason)}"
+            ),
+            soft_wrap=True,
+        )
+
+
+def status_table(statuses: Sequence[ModelStatus]) -> Table:
+    """`rackserve status`: one row per deployed model."""
+    table = Table(title=f"Application {APP_NAME!r}", title_justify="left")
+    for column in ("model", "node", "GPUs", "state", "healthy", "message"):
+        table.add_column(column)
+    for s in statuses:
+        table.add_row(
+            Text(printable(s.model_id)),
+            Text(printable(s.node)),
+            ",".join(map(str, s.gpus)) or "-",
+            s.state,
+            "yes" if s.healthy else Text("no", style="bold red"),
+            Text(printable(s.message)),
+        )
+    return table
+
+
+def plain_lines(console: Console) -> Callable[[str], None]:
+    """Print each line as plain text: ids and messages in it are never read as markup."""
+    return lambda line: console.print(Text(printable(line)))

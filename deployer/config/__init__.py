@@ -1,0 +1,1 @@
+"""Input documents: the models config and the cluster file, parsed and checked."""

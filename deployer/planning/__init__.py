@@ -1,0 +1,1 @@
+"""The pure core: estimate, pack, place, describe engines, re-plan. No I/O."""

@@ -1,0 +1,185 @@
+"""Re-planning against what runs: pure, no Ray.
+
+A redeploy must not move what it keeps. Models that run unchanged stay on their node and on the
+GPUs Ray gave them; the planner sees the memory our own engines hold as free (it placed them),
+and only engines whose launch description changes are restarted. Keeping an engine's GPUs can
+change its neighbours' share of a GPU, and so their description: re-planning repeats until the
+set of engines kept in place is stable (it only shrinks, so this ends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from deployer.config.cluster import MIB, Cluster, Gpu, Node
+from deployer.config.models_config import ModelManager
+from deployer.planning.estimate import MemoryEstimate
+from deployer.planning.placement import Plan
+from deployer.planning.serve_config import EngineSpec, engine_specs
+from deployer.planning.workflow import plan_models
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployed:
+    """What rackserve deployed last: the models (as given), the placements, each engine's config."""
+
+    models: list[dict[str, Any]]
+    placements: list[dict[str, Any]]
+    engines: dict[str, dict[str, Any]]
+    engine: str = "vllm"
+    """What ran the models: `vllm`, or the rehearsal stand-in."""
+
+    def to_bytes(self) -> bytes:
+        """JSON, for the state store."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | None) -> Deployed | None:
+        """Read back what `to_bytes` wrote; None for nothing."""
+        if not data:
+            return None
+        document = json.loads(data)
+        return cls(
+            models=document["models"],
+            placements=document["placements"],
+            engines=document.get("engines", {}),
+            engine=document.get("engine", "vllm"),
+        )
+
+    def same_as(self, models: list[dict[str, Any]], engine: str) -> bool:
+        """True when deploying `models` with `engine` would change nothing."""
+        return self.models == models and self.engine == engine
+
+
+@dataclasses.dataclass(frozen=True)
+class Redeploy:
+    """A plan against what runs, and what it changes: engines to stop, start, and leave be."""
+
+    plan: Plan
+    specs: list[EngineSpec]
+    start: list[EngineSpec]
+    """Engines to start, in launch order: new ones and changed ones (after they are stopped)."""
+    stop: list[str]
+    """Engines to stop first: removed, unplaced or changed."""
+    keep: list[str]
+    """Engines left running as they are, on the same node and GPUs."""
+
+
+def models_document(models: ModelManager) -> list[dict[str, Any]]:
+    """The models as `Deployed.models` records them."""
+    return [m.model_dump(mode="json") for m in models]
+
+
+def with_own_memory_freed(cluster: Cluster, deployed: Deployed | None) -> Cluster:
+    """The cluster as if rackserve's running engines were not there.
+
+    Re-planning against memory that our own engines hold would move them; adding their booked
+    memory back makes the planner see what it saw when it placed them.
+    """
+    if deployed is None:
+        return cluster
+    held: dict[tuple[str, int | None], int] = {}
+    for p in deployed.placements:
+        booked = round((p["gpu_memory_gib"] + p.get("extra_kv_gib", 0.0)) * 1024) * MIB
+        for index in p["gpus"] or [None]:
+            key = (p["node"], index)
+            held[key] = held.get(key, 0) + booked
+    nodes = []
+    for node in cluster.nodes:
+        gpus = [
+            Gpu.model_validate(
+                gpu.model_dump()
+                | {
+                    "memory_free_mib": min(
+                        gpu.memory_total_mib,
+                        gpu.memory_free_mib + held.get((node.name, gpu.index), 0) // MIB,
+                    )
+                }
+            )
+            for gpu in node.gpus
+        ]
+        cpu = node.cpu_memory_mib
+        if cpu is not None and not node.gpus:
+            cpu += held.get((node.name, None), 0) // MIB
+        nodes.append(Node.model_validate(node.model_dump() | {"gpus": gpus, "cpu_memory_mib": cpu}))
+    return Cluster(nodes=nodes)
+
+
+def keep_on_their_nodes(models: ModelManager, deployed: Deployed | None) -> ModelManager:
+    """Pin each model that is deployed unchanged to the node it runs on, so it stays there."""
+    if deployed is None:
+        return models
+    before = {m["model_id"]: m for m in deployed.models}
+    nodes = {p["model_id"]: p["node"] for p in deployed.placements}
+    kept = ModelManager()
+    for model in models:
+        same = before.get(model.model_id) == model.model_dump(mode="json")
+        if same and model.node is None and model.model_id in nodes:
+            model = model.model_copy(update={"node": nodes[model.model_id]})  # noqa: PLW2901
+        kept.add(model)
+    return kept
+
+
+def replan(
+    cluster: Cluster,
+    models: ModelManager,
+    estimates: Sequence[MemoryEstimate],
+    deployed: Deployed | None,
+    running: Collection[str],
+    reserve_gib: float,
+    *,
+    engine: str = "vllm",
+    memory_counts_ours: bool = True,
+) -> Redeploy:
+    """Plan `models` onto `cluster` keeping in place every engine in `running` that stays as is.
+
+    `deployed` is what was deployed last (None: nothing) and `running` the engines of it that
+    Serve still runs. An engine is kept when its launch description (node, GPUs, memory, engine
+    arguments) comes out the same and `engine` is what runs it; kept engines hold the GPUs Ray
+    gave them. `memory_counts_ours` says whether the cluster's free memory was measured with our
+    engines running (a probe) or not (a cluster file, whose figures never move).
+    """
+    replace_all = deployed is not None and deployed.engine != engine
+    was_running = sorted(running)
+    if deployed is None or replace_all:
+        running = ()
+    pinned = keep_on_their_nodes(models, deployed)
+    freed = with_own_memory_freed(cluster, deployed) if memory_counts_ours else cluster
+    before: Mapping[str, Mapping[str, Any]] = deployed.engines if deployed else {}
+    wanted = {m.model_id for m in models}
+    in_place = {
+        p["model_id"]: tuple(p["gpus"])
+        for p in (deployed.placements if deployed else [])
+        if p["gpus"] and p["model_id"] in running and p["model_id"] in wanted
+    }
+    on_gpus = set(in_place)  # running on GPUs: kept only where they run
+    while True:
+        plan = plan_models(freed, pinned, estimates, reserve_gib, kept_gpus=in_place)
+        specs = engine_specs(plan, models, cluster)
+        changed = {
+            s.model_id
+            for s in specs
+            if s.model_id not in running or before.get(s.model_id) != s.llm_config
+        } | {  # the same description on other GPUs: Ray would leave it where it runs
+            p.model_id
+            for p in plan.placements
+            if p.model_id in on_gpus and p.gpus != in_place.get(p.model_id)
+        }
+        moving = changed & set(in_place)
+        if not moving:
+            break
+        in_place = {m: gpus for m, gpus in in_place.items() if m not in moving}
+    placed = {s.model_id for s in specs}
+    if replace_all:  # another engine runs the models: every running one is replaced
+        return Redeploy(plan=plan, specs=specs, start=specs, stop=was_running, keep=[])
+    stop = sorted((set(running) & set(before)) - (placed - changed))
+    return Redeploy(
+        plan=plan,
+        specs=specs,
+        start=[s for s in specs if s.model_id in changed],
+        stop=stop,
+        keep=[s.model_id for s in specs if s.model_id not in changed],
+    )

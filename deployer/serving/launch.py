@@ -1,0 +1,308 @@
+"""`rackserve deploy`, `status` and `down`: the side-effect shell around the pure core.
+
+Connect to Ray, probe (or check a cluster file), re-plan against what runs, then stop, start
+and keep engines as the re-plan says (`deployer.serving.applications` holds the applications
+themselves). Engines start in waves (see `deployer.planning.serve_config`): Ray's own GPU
+choice then reproduces the plan, and two engines never start on one GPU at once. What was
+deployed is kept in the cluster (`deployer.serving.state`), so deploying the same models again
+changes nothing.
+
+Progress goes to the caller through `say` (one plain line each) and `on_plan`. Ray is imported
+inside the functions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from deployer.config.cluster import NODE_LABEL, Cluster, Node
+from deployer.config.models_config import ModelManager
+from deployer.errors import ConfigError, ExitCode, RackserveError
+from deployer.planning.placement import DEFAULT_RESERVE_GIB, Plan
+from deployer.planning.redeploy import Deployed, models_document, replan
+from deployer.planning.serve_config import (
+    APP_NAME,
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    EngineSpec,
+    route_prefix,
+    waves,
+)
+from deployer.serving.applications import (
+    ENGINE_DEPLOYMENT,
+    Engine,
+    engine_application,
+    ingress_application,
+    is_ours,
+    model_app_name,
+    quiet_builders,
+)
+from deployer.serving.probe import connect, probe_cluster
+from deployer.serving.state import RayKvStore, StateStore
+from deployer.sources.estimates import estimate_models
+
+Say = Callable[[str], None]
+
+
+class LaunchError(RackserveError):
+    """Ray Serve could not start or update the application."""
+
+
+class UnplacedError(RackserveError):
+    """Some model does not fit; nothing was launched."""
+
+    exit_code = ExitCode.UNPLACED
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployOptions:
+    """What `rackserve deploy` was asked."""
+
+    address: str = "auto"
+    plan_only: bool = False
+    allow_partial: bool = False
+    reserve_gib: float = DEFAULT_RESERVE_GIB
+    http_host: str = DEFAULT_HTTP_HOST
+    http_port: int = DEFAULT_HTTP_PORT
+    engine: Engine = "vllm"
+    """`standin` runs a stand-in replica instead of vLLM on the same bundles (rehearsals)."""
+    cluster: Cluster | None = None
+    """A cluster file to plan on instead of probing (logical GPUs); checked against Ray first."""
+
+
+def _start_engines(specs: Sequence[EngineSpec], say: Say, engine: Engine) -> None:
+    """Start the engines wave after wave; each wave's applications start together."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    grouped = waves(specs)
+    for number, wave in enumerate(grouped, start=1):
+        names = ", ".join(f"{s.model_id}@{s.node}" for s in wave)
+        say(f"wave {number}/{len(grouped)}: starting {names}")
+        targets = [
+            RunTarget(
+                engine_application(s, engine), name=model_app_name(s.model_id), route_prefix=None
+            )
+            for s in wave
+        ]
+        try:
+            serve.run_many(targets, wait_for_applications_running=True)
+        except Exception as exc:  # Serve reports deploy failures as RuntimeError and kin
+            raise LaunchError(
+                f"Ray Serve could not start {names}: {str(exc).splitlines()[0]}. "
+                "See `rackserve status` and the replica logs in the Ray session's logs/serve/"
+            ) from None
+
+
+def deploy(
+    models: ModelManager,
+    options: DeployOptions,
+    say: Say,
+    on_plan: Callable[[Plan], None],
+    store: StateStore | None = None,
+) -> Plan | None:
+    """Probe, estimate, plan, show the plan (`on_plan`), then launch it (unless plan_only).
+
+    Returns the plan, or None when the same models are already deployed (nothing changes).
+
+    Raises ConfigError on bad input and UnplacedError when some model does not fit and
+    partial deployments were not allowed; in both cases nothing is launched or changed.
+    """
+    import ray
+    from ray import serve
+
+    estimates = estimate_models(models)  # bad input fails here, before Ray is even reached
+    prefix = route_prefix(models.list())
+    connect(options.address)
+    store = store or RayKvStore()
+    try:
+        deployed = store.read()
+        applications = serve.status().applications
+        running = APP_NAME in applications
+        document = models_document(models)
+        if deployed is not None and deployed.same_as(document, options.engine) and running:
+            say("nothing to change: these models are deployed as planned")
+            return None
+        cluster = _cluster_for(options)
+        engines_running = [
+            model_id
+            for model_id in (deployed.engines if deployed and running else {})
+            if model_app_name(model_id) in applications
+        ]
+        change = replan(
+            cluster,
+            models,
+            estimates,
+            deployed if running else None,
+            engines_running,
+            options.reserve_gib,
+            engine=options.engine,
+            memory_counts_ours=options.cluster is None,
+        )
+        plan = change.plan
+        on_plan(plan)
+        if plan.unplaced and options.plan_only:
+            raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
+        if options.plan_only:
+            return plan
+        if plan.unplaced and not options.allow_partial:
+            raise UnplacedError(
+                f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
+                "launched. Pass --allow-partial to launch the others."
+            )
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": options.http_host, "port": options.http_port},
+        )
+        quiet_builders()
+        for model_id in change.stop:
+            say(f"stopping {model_id}")
+            serve.delete(model_app_name(model_id))
+        if change.keep:
+            say(f"unchanged, left running: {', '.join(change.keep)}")
+        _start_engines(change.start, say, options.engine)
+        specs = change.specs
+        serve.run(
+            ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix
+        )
+        store.write(
+            Deployed(
+                models=document,
+                placements=[p.as_json() for p in plan.placements],
+                engines={s.model_id: dict(s.llm_config) for s in specs},
+                engine=options.engine,
+            )
+        )
+        say(
+            f"deployed {len(specs)} model(s) as application {APP_NAME!r} at "
+            f"http://{options.http_host}:{options.http_port}{prefix.rstrip('/')}/v1"
+        )
+        return plan
+    finally:
+        ray.shutdown()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """One model as `rackserve status` shows it."""
+
+    model_id: str
+    node: str
+    gpus: tuple[int, ...]
+    state: str
+    healthy: bool
+    message: str
+
+
+def model_statuses(address: str, store: StateStore | None = None) -> list[ModelStatus]:
+    """Each deployed model's node, GPUs, Serve state and health; empty when none is deployed."""
+    import ray
+    from ray import serve
+
+    connect(address)
+    try:
+        deployed = (store or RayKvStore()).read()
+        applications = serve.status().applications
+        if deployed is None or APP_NAME not in applications:
+            return []
+        statuses = []
+        for placement in deployed.placements:
+            model_id = placement["model_id"]
+            app = applications.get(model_app_name(model_id))
+            deployment = app.deployments.get(ENGINE_DEPLOYMENT) if app else None
+            state = deployment.status.value if deployment else "MISSING"
+            statuses.append(
+                ModelStatus(
+                    model_id=model_id,
+                    node=placement["node"],
+                    gpus=tuple(placement["gpus"]),
+                    state=state,
+                    healthy=state == "HEALTHY",
+                    message=(deployment.message if deployment else "not in the application"),
+                )
+            )
+        return statuses
+    finally:
+        ray.shutdown()
+
+
+def down(address: str, say: Say, store: StateStore | None = None) -> None:
+    """Remove the application and what rackserve remembered of it."""
+    import ray
+    from ray import serve
+
+    connect(address)
+    try:
+        ours = sorted(
+            (name for name in serve.status().applications if is_ours(name)),
+            key=lambda name: name != APP_NAME,
+        )
+        for name in ours:  # the ingress first, so no request reaches a stopping engine
+            serve.delete(name)
+        say(f"removed {', '.join(ours)}" if ours else f"no {APP_NAME!r} application is deployed")
+        (store or RayKvStore()).write(None)
+    finally:
+        ray.shutdown()
+
+
+def _cluster_for(options: DeployOptions) -> Cluster:
+    """The cluster to plan on: the probe's, or the cluster file checked against Ray's nodes."""
+    import ray
+
+    if options.cluster is None:
+        return probe_cluster(options.address)
+    return checked_against_ray(options.cluster, ray.nodes())  # type: ignore[no-untyped-call]
+
+
+def checked_against_ray(cluster: Cluster, node_table: Sequence[Mapping[str, Any]]) -> Cluster:
+    """The cluster file's nodes, each matched to its alive Ray node (`ray.nodes()` rows).
+
+    Every node of the file must be an alive Ray node labelled `rackserve/node=<name>` with at
+    least the file's GPUs (Ray numbers a node's GPUs 0..N-1, so every index must be below N).
+    The nodes come back with Ray's node id, IP and labels, so the launcher can pin to them.
+    Raises ConfigError naming each node that does not match and what to fix.
+    """
+    alive: dict[str, Mapping[str, Any]] = {}
+    for row in node_table:
+        name = (row.get("Labels") or {}).get(NODE_LABEL)
+        if row.get("Alive") and name:
+            alive[str(name)] = row
+    problems: list[str] = []
+    nodes: list[Node] = []
+    for node in cluster.nodes:
+        ray_node = alive.get(node.name)
+        if ray_node is None:
+            problems.append(
+                f"node {node.name!r}: no alive Ray node has the label {NODE_LABEL}={node.name}; "
+                f"start its Ray with `ray start --labels {NODE_LABEL}={node.name}` or correct "
+                f"the name (Ray's labelled nodes: {', '.join(sorted(alive)) or 'none'})"
+            )
+            continue
+        ray_gpus = int(float((ray_node.get("Resources") or {}).get("GPU", 0)))
+        beyond = sorted(gpu.index for gpu in node.gpus if gpu.index >= ray_gpus)
+        if len(node.gpus) > ray_gpus or beyond:
+            problems.append(
+                f"node {node.name!r}: the file lists {len(node.gpus)} GPU(s)"
+                + (f" (indices {beyond} among them)" if beyond else "")
+                + f" but Ray has {ray_gpus} there"
+                + (f" (GPUs 0..{ray_gpus - 1})" if ray_gpus else "")
+                + f"; list only the GPUs Ray has, or start that node's Ray with "
+                f"`--num-gpus {len(node.gpus)}`"
+            )
+            continue
+        ray_labels = ray_node.get("Labels") or {}
+        labels = {**node.labels, **{str(k): str(v) for k, v in ray_labels.items()}}
+        nodes.append(
+            node.model_copy(
+                update={
+                    "ray_node_id": str(ray_node["NodeID"]),
+                    "ip": str(ray_node["NodeManagerAddress"]),
+                    "labels": labels,
+                }
+            )
+        )
+    if problems:
+        raise ConfigError(problems, source="--cluster file (checked against the Ray cluster)")
+    return Cluster(nodes=nodes)

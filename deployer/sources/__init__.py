@@ -1,0 +1,1 @@
+"""Reading model files (local or from the hub) for the estimates."""
