@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 from ortools.sat.python import cp_model
 
-from deployer.config.cluster import GIB, Cluster, Gpu, Node, dump_cluster
+from deployer.config.cluster import Cluster, Gpu, Node, dump_cluster
+from deployer.config.units import GIB
 from deployer.planning.packing import CAPACITY, PackItem, PackNode, lower_bound
 from deployer.planning.placement import Demand, Plan, packing_problem, plan_placements
 

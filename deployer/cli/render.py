@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from deployer.config.cluster import GIB, MIB, Cluster
+from deployer.config.cluster import Cluster
+from deployer.config.units import GIB, MIB
 from deployer.errors import printable
 from deployer.planning.estimate import MemoryEstimate
 from deployer.planning.placement import DeviceFill, Plan

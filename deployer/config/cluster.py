@@ -17,9 +17,6 @@ from deployer.config.documents import decode_document, duplicates, read_input_fi
 from deployer.config.models_config import Name
 from deployer.errors import ConfigError, printable, shown
 
-MIB = 1024**2
-GIB = 1024**3
-
 NODE_LABEL = "rackserve/node"
 """Ray node label naming a node (`ray start --labels rackserve/node=NAME`); models pin to it."""
 

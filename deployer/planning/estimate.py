@@ -21,8 +21,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from deployer.config.cluster import GIB
 from deployer.config.models_config import ModelConfig
+from deployer.config.units import GIB
 from deployer.planning.architecture import (
     Architecture,
     ArchitectureError,

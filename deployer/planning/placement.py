@@ -23,7 +23,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from deployer.config.cluster import GIB, MIB, Cluster, Node
+from deployer.config.cluster import Cluster, Node
+from deployer.config.units import GIB, MIB
 from deployer.errors import ConfigError
 from deployer.planning.packing import CAPACITY, ItemPlace, PackItem, PackNode, pack
 
@@ -323,7 +324,7 @@ def plan_placements(
     model is pinned to a node the cluster does not have.
     """
     if reserve_gib < 0:
-        raise ConfigError(f"--reserve-gib must be 0 or more (got {reserve_gib})")
+        raise ConfigError(f"the memory reserved per GPU must be 0 GiB or more (got {reserve_gib})")
     _check_pins(demands, cluster)
     device: Literal["gpu", "cpu"] = "gpu" if cluster.has_gpus else "cpu"
     reserve = round(reserve_gib * GIB)

@@ -14,8 +14,9 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from deployer.config.cluster import MIB, Cluster, Gpu, Node
+from deployer.config.cluster import Cluster, Gpu, Node
 from deployer.config.models_config import ModelManager
+from deployer.config.units import MIB
 from deployer.planning.estimate import MemoryEstimate
 from deployer.planning.placement import Plan
 from deployer.planning.serve_config import EngineSpec, engine_specs

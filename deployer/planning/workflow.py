@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from deployer.config.cluster import GIB, Cluster
+from deployer.config.cluster import Cluster
 from deployer.config.models_config import ModelConfig, ModelManager
+from deployer.config.units import GIB
 from deployer.planning.estimate import CUDA_CONTEXT_GIB, MemoryEstimate
 from deployer.planning.placement import DEFAULT_RESERVE_GIB, Demand, Plan, plan_placements
 

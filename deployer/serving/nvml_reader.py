@@ -13,7 +13,8 @@ import contextlib
 from pathlib import Path
 from typing import Any, Protocol
 
-from deployer.config.cluster import MIB, Gpu, Node
+from deployer.config.cluster import Gpu, Node
+from deployer.config.units import MIB
 from deployer.errors import RackserveError
 
 MEMINFO = Path("/proc/meminfo")

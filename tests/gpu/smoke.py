@@ -41,7 +41,8 @@ from urllib.error import HTTPError, URLError
 
 import yaml
 
-from deployer.config.cluster import MIB, parse_cluster
+from deployer.config.cluster import parse_cluster
+from deployer.config.units import MIB
 from deployer.planning.estimate import CUDA_CONTEXT_GIB
 from tests.gpu.measure import (
     VllmReport,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployer.config.cluster import GIB
 from deployer.config.models_config import ModelConfig
+from deployer.config.units import GIB
 from deployer.planning.architecture import count_parameters, parse_architecture
 from deployer.planning.estimate import (
     DEFAULT_OVERHEAD_GIB,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deployer.config.cluster import MIB, Cluster, dump_cluster, parse_cluster
+from deployer.config.cluster import Cluster, dump_cluster, parse_cluster
+from deployer.config.units import MIB
 from deployer.errors import RackserveError
 from deployer.serving.nvml_reader import (
     NvmlError,

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployer.config.cluster import GIB, MIB, Cluster, Gpu, Node
+from deployer.config.cluster import Cluster, Gpu, Node
+from deployer.config.units import GIB, MIB
 from deployer.errors import ConfigError
 from deployer.planning.packing import CAPACITY
 from deployer.planning.placement import Demand, Plan, plan_placements, ray_assigns_bundle

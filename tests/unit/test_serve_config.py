@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from deployer.config.cluster import GIB, Cluster, Gpu, Node
+from deployer.config.cluster import Cluster, Gpu, Node
 from deployer.config.models_config import ModelManager, parse_models_config
+from deployer.config.units import GIB
 from deployer.errors import ConfigError
 from deployer.planning.placement import Demand, plan_placements
 from deployer.planning.serve_config import NODE_LABEL, engine_specs, route_prefix, waves
