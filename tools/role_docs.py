@@ -44,6 +44,12 @@ def argument_specs(role: str) -> dict[str, Any]:
     return specs
 
 
+def dependencies(role: str) -> list[str]:
+    """The roles `role` depends on (meta/main.yml), whose defaults it reads."""
+    meta = load_yaml(ROLES / role / "meta" / "main.yml")
+    return [d["role"] if isinstance(d, dict) else str(d) for d in meta.get("dependencies") or []]
+
+
 def role_defaults(role: str) -> dict[str, Any]:
     """The role's defaults/main.yml, unrendered."""
     defaults: dict[str, Any] = load_yaml(ROLES / role / "defaults" / "main.yml")

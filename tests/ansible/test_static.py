@@ -68,9 +68,12 @@ def _role_vars(role: str, inventory_vars: dict[str, Any]) -> dict[str, Any]:
     """A role's variables as a play sees them: defaults < inventory < the role's vars/."""
     loader = DataLoader()
     variables: dict[str, Any] = {}
-    variables.update(
-        loader.load_from_file(str(ROLES / role / "defaults" / "main.yml"), trusted_as_template=True)
-    )
+    for name in [*role_docs.dependencies(role), role]:  # a dependency's defaults come first
+        variables.update(
+            loader.load_from_file(
+                str(ROLES / name / "defaults" / "main.yml"), trusted_as_template=True
+            )
+        )
     variables.update(inventory_vars)
     role_vars = ROLES / role / "vars" / "main.yml"
     if role_vars.is_file():
@@ -204,6 +207,9 @@ def test_site_runs_the_roles_in_order_with_tags() -> None:
 # ------------------------------------------------------------------------------ role structure
 
 
+SHARED_DEFAULT = re.compile(r"\{\{ (ray_common_\w+) \}\}")
+
+
 @pytest.mark.parametrize("role", role_docs.role_names())
 def test_argument_specs_describe_every_default(role: str) -> None:
     """Every default is specified (typed and described) and every spec default matches it."""
@@ -215,6 +221,11 @@ def test_argument_specs_describe_every_default(role: str) -> None:
         assert option.get("type"), f"{name}: no type"
         assert option.get("description"), f"{name}: no description"
         value = defaults[name]
+        shared = SHARED_DEFAULT.fullmatch(value) if isinstance(value, str) else None
+        if shared:  # one of ray_common's: the spec documents ray_common's value
+            common = role_docs.role_defaults("ray_common")[shared.group(1)]
+            assert option.get("default") == common or "{{" in str(common), name
+            continue
         if isinstance(value, str) and "{{" in value:
             continue  # computed from another variable or a fact
         if value is None:
