@@ -347,11 +347,17 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=2000)
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--only", choices=["small", "rack", "command-line"], help="run one part (default: all)"
+    )
     args = parser.parse_args()
-    small_instances(args.small, args.seed, args.cp_sat_seconds)
-    rack_scale(args.models, args.nodes, args.seed, args.repeats)
-    # A models file holds at most 1,000 models (README, "Input limits").
-    command_line(min(args.models, 1000), args.nodes, args.seed, args.repeats)
+    if args.only in (None, "small"):
+        small_instances(args.small, args.seed, args.cp_sat_seconds)
+    if args.only in (None, "rack"):
+        rack_scale(args.models, args.nodes, args.seed, args.repeats)
+    if args.only in (None, "command-line"):
+        # A models file holds at most 1,000 models (README, "Input limits").
+        command_line(min(args.models, 1000), args.nodes, args.seed, args.repeats)
 
 
 if __name__ == "__main__":
