@@ -75,9 +75,9 @@ def test_a_second_holder_waits_then_gets_one_message_naming_the_first(tmp_path: 
     try:
         assert ready.wait(30)
         start = time.monotonic()
-        with pytest.raises(StateError, match=rf"pid {holder.pid} .*is changing the deployment"):
-            with FileStateStore(tmp_path).lock(wait_s=0.5):
-                pass
+        busy = rf"pid {holder.pid} .*is changing the deployment"
+        with pytest.raises(StateError, match=busy), FileStateStore(tmp_path).lock(wait_s=0.5):
+            pass
         assert time.monotonic() - start >= 0.5
     finally:
         holder.kill()  # a holder that dies releases the lock
