@@ -25,6 +25,7 @@ from deployer.cli.options import (
 from deployer.cli.render import (
     cluster_table,
     estimates_table,
+    events_table,
     plain_lines,
     print_plan,
     status_table,
@@ -154,6 +155,18 @@ AddressOption = Annotated[
 ]
 
 
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar="RACKSERVE_STATE_DIR",
+        help="Also keep what was deployed, an event log and a lock in this directory "
+        "(on the head: /var/lib/rackserve/state).",
+        file_okay=False,
+    ),
+]
+
+
 @app.command()
 def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
     """Probe every Ray node's GPUs (NVML) or memory; write the cluster file `plan` reads."""
@@ -207,6 +220,7 @@ def deploy(
             dir_okay=False,
         ),
     ] = None,
+    state_dir: StateDirOption = None,
 ) -> None:
     """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
     require("ray.serve", "deploy")
@@ -223,17 +237,22 @@ def deploy(
         http_port,
         engine=engine,
         cluster=load_cluster(cluster) if cluster else None,
+        state_dir=state_dir,
     )
     run_deploy(registry, options, plain_lines(console), lambda plan: print_plan(console, plan))
 
 
 @app.command()
-def status(address: AddressOption = "auto") -> None:
+def status(address: AddressOption = "auto", state_dir: StateDirOption = None) -> None:
     """Each deployed model's node, GPUs, state and health; exit 1 if any is unhealthy."""
     require("ray.serve", "status")
     from deployer.serving.launch import model_statuses  # noqa: PLC0415 - needs Ray
+    from deployer.serving.state import FileStateStore  # noqa: PLC0415
 
     statuses = model_statuses(address)
+    events = FileStateStore(state_dir).events() if state_dir else []
+    if events:
+        console.print(events_table(events))
     if not statuses:
         console.print(f"no {APP_NAME!r} application is deployed")
         return
@@ -243,12 +262,12 @@ def status(address: AddressOption = "auto") -> None:
 
 
 @app.command()
-def down(address: AddressOption = "auto") -> None:
+def down(address: AddressOption = "auto", state_dir: StateDirOption = None) -> None:
     """Remove the application and every model in it."""
     require("ray.serve", "down")
     from deployer.serving.launch import down as run_down  # noqa: PLC0415 - needs Ray
 
-    run_down(address, plain_lines(console))
+    run_down(address, plain_lines(console), state_dir=state_dir)
 
 
 @app.command()

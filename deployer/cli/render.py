@@ -6,8 +6,8 @@ into the tables as plain `Text` with control characters escaped: never read as R
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -221,6 +221,25 @@ def status_table(statuses: Sequence[ModelStatus]) -> Table:
             s.state,
             "yes" if s.healthy else Text("no", style="bold red"),
             Text(printable(s.message)),
+        )
+    return table
+
+
+def events_table(events: Sequence[Mapping[str, Any]]) -> Table:
+    """The state directory's last events, oldest first: when, what, and its details."""
+    table = Table(title="Last events", title_justify="left")
+    for column in ("at", "event", "details"):
+        table.add_column(column)
+    for event in events:
+        details = ", ".join(
+            f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}"
+            for key, value in event.items()
+            if key not in ("at", "event") and value not in ([], None, "")
+        )
+        table.add_row(
+            _text(str(event.get("at", "?"))),
+            _text(str(event.get("event", "?"))),
+            _text(details or "-"),
         )
     return table
 

@@ -13,13 +13,16 @@ inside the functions only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from deployer.config.cluster import NODE_LABEL, Cluster, Node
 from deployer.config.models_config import ModelManager
 from deployer.errors import ConfigError, ExitCode, RackserveError
+from deployer.planning.estimate import MemoryEstimate
 from deployer.planning.placement import DEFAULT_RESERVE_GIB, Plan
 from deployer.planning.redeploy import Deployed, models_document, replan
 from deployer.planning.serve_config import (
@@ -40,7 +43,7 @@ from deployer.serving.applications import (
     quiet_builders,
 )
 from deployer.serving.probe import connect, probe_cluster
-from deployer.serving.state import RayKvStore, StateStore
+from deployer.serving.state import FileStateStore, MirroredStore, RayKvStore, StateStore
 from deployer.sources.estimates import estimate_models
 
 Say = Callable[[str], None]
@@ -70,6 +73,10 @@ class DeployOptions:
     """`standin` runs a stand-in replica instead of vLLM on the same bundles (rehearsals)."""
     cluster: Cluster | None = None
     """A cluster file to plan on instead of probing (logical GPUs); checked against Ray first."""
+    state_dir: Path | None = None
+    """Also keep the record, an event log and a lock in this directory (the head's disk)."""
+    lock_wait_s: float = 60.0
+    """How long a deploy waits for another one holding the state directory's lock."""
 
 
 def _start_engines(specs: Sequence[EngineSpec], say: Say, engine: Engine) -> None:
@@ -108,80 +115,116 @@ def deploy(
     Returns the plan, or None when the same models are already deployed (nothing changes).
 
     Raises ConfigError on bad input and UnplacedError when some model does not fit and
-    partial deployments were not allowed; in both cases nothing is launched or changed.
+    partial deployments were not allowed; in both cases nothing is launched or changed. With
+    `options.state_dir`, the deploy holds that directory's lock (StateError when another
+    deploy keeps it past `lock_wait_s`), mirrors the record there and logs the change.
     """
     import ray
-    from ray import serve
 
     estimates = estimate_models(models)  # bad input fails here, before Ray is even reached
     prefix = route_prefix(models.list())
-    connect(options.address)
-    store = store or RayKvStore()
-    try:
-        deployed = store.read()
-        applications = serve.status().applications
-        running = APP_NAME in applications
-        document = models_document(models)
-        if deployed is not None and deployed.same_as(document, options.engine) and running:
-            say("nothing to change: these models are deployed as planned")
-            return None
-        cluster = _cluster_for(options)
-        engines_running = [
-            model_id
-            for model_id in (deployed.engines if deployed and running else {})
-            if model_app_name(model_id) in applications
-        ]
-        change = replan(
-            cluster,
-            models,
-            estimates,
-            deployed if running else None,
-            engines_running,
-            options.reserve_gib,
-            engine=options.engine,
-            memory_counts_ours=options.cluster is None,
-        )
-        plan = change.plan
-        on_plan(plan)
-        if plan.unplaced and options.plan_only:
-            raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
-        if options.plan_only:
-            return plan
-        if plan.unplaced and not options.allow_partial:
-            raise UnplacedError(
-                f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
-                "launched. Pass --allow-partial to launch the others."
-            )
-        serve.start(
-            proxy_location="HeadOnly",
-            http_options={"host": options.http_host, "port": options.http_port},
-        )
-        quiet_builders()
-        for model_id in change.stop:
-            say(f"stopping {model_id}")
-            serve.delete(model_app_name(model_id))
-        if change.keep:
-            say(f"unchanged, left running: {', '.join(change.keep)}")
-        _start_engines(change.start, say, options.engine)
-        specs = change.specs
-        serve.run(
-            ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix
-        )
-        store.write(
-            Deployed(
-                models=document,
-                placements=[p.as_json() for p in plan.placements],
-                engines={s.model_id: dict(s.llm_config) for s in specs},
-                engine=options.engine,
-            )
-        )
-        say(
-            f"deployed {len(specs)} model(s) as application {APP_NAME!r} at "
-            f"http://{options.http_host}:{options.http_port}{prefix.rstrip('/')}/v1"
-        )
+    disk = FileStateStore(options.state_dir) if options.state_dir else None
+    with _held(disk, options.lock_wait_s):
+        connect(options.address)
+        try:
+            return _deploy(models, options, say, on_plan, store, disk, estimates, prefix)
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _held(disk: FileStateStore | None, wait_s: float) -> Iterator[None]:
+    """The state directory's lock, when there is one."""
+    if disk is None:
+        yield
+    else:
+        with disk.lock(wait_s):
+            yield
+
+
+def _deploy(
+    models: ModelManager,
+    options: DeployOptions,
+    say: Say,
+    on_plan: Callable[[Plan], None],
+    store: StateStore | None,
+    disk: FileStateStore | None,
+    estimates: Sequence[MemoryEstimate],
+    prefix: str,
+) -> Plan | None:
+    """`deploy` once connected and holding the lock."""
+    from ray import serve
+
+    store = store or (MirroredStore(RayKvStore(), disk) if disk else RayKvStore())
+    deployed = store.read()
+    applications = serve.status().applications
+    running = APP_NAME in applications
+    document = models_document(models)
+    if deployed is not None and deployed.same_as(document, options.engine) and running:
+        say("nothing to change: these models are deployed as planned")
+        return None
+    cluster = _cluster_for(options)
+    engines_running = [
+        model_id
+        for model_id in (deployed.engines if deployed and running else {})
+        if model_app_name(model_id) in applications
+    ]
+    change = replan(
+        cluster,
+        models,
+        estimates,
+        deployed if running else None,
+        engines_running,
+        options.reserve_gib,
+        engine=options.engine,
+        memory_counts_ours=options.cluster is None,
+    )
+    plan = change.plan
+    on_plan(plan)
+    if plan.unplaced and options.plan_only:
+        raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
+    if options.plan_only:
         return plan
-    finally:
-        ray.shutdown()
+    if plan.unplaced and not options.allow_partial:
+        raise UnplacedError(
+            f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
+            "launched. Pass --allow-partial to launch the others."
+        )
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": options.http_host, "port": options.http_port},
+    )
+    quiet_builders()
+    for model_id in change.stop:
+        say(f"stopping {model_id}")
+        serve.delete(model_app_name(model_id))
+    if change.keep:
+        say(f"unchanged, left running: {', '.join(change.keep)}")
+    _start_engines(change.start, say, options.engine)
+    specs = change.specs
+    serve.run(ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix)
+    store.write(
+        Deployed(
+            models=document,
+            placements=[p.as_json() for p in plan.placements],
+            engines={s.model_id: dict(s.llm_config) for s in specs},
+            engine=options.engine,
+        )
+    )
+    if disk:
+        disk.record(
+            "deployed",
+            started=[s.model_id for s in change.start],
+            stopped=change.stop,
+            kept=change.keep,
+            unplaced=[u.model_id for u in plan.unplaced],
+            engine=options.engine,
+        )
+    say(
+        f"deployed {len(specs)} model(s) as application {APP_NAME!r} at "
+        f"http://{options.http_host}:{options.http_port}{prefix.rstrip('/')}/v1"
+    )
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +271,10 @@ def model_statuses(address: str, store: StateStore | None = None) -> list[ModelS
         ray.shutdown()
 
 
-def down(address: str, say: Say, store: StateStore | None = None) -> None:
-    """Remove the application and what rackserve remembered of it."""
+def down(
+    address: str, say: Say, store: StateStore | None = None, state_dir: Path | None = None
+) -> None:
+    """Remove the application and what rackserve remembered of it (also in `state_dir`)."""
     import ray
     from ray import serve
 
@@ -243,6 +288,10 @@ def down(address: str, say: Say, store: StateStore | None = None) -> None:
             serve.delete(name)
         say(f"removed {', '.join(ours)}" if ours else f"no {APP_NAME!r} application is deployed")
         (store or RayKvStore()).write(None)
+        if state_dir is not None:
+            disk = FileStateStore(state_dir)
+            disk.write(None)
+            disk.record("removed", applications=ours)
     finally:
         ray.shutdown()
 

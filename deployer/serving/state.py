@@ -207,3 +207,24 @@ class FileStateStore:
                 handle.seek(0)
                 handle.truncate()
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class MirroredStore:
+    """The Ray record mirrored on disk: the disk copy outlives the cluster, the KV any node reads.
+
+    Reads prefer the cluster's record (what runs now) and fall back to the disk's; writes go to
+    the disk first, so the durable copy is never older than the cluster's.
+    """
+
+    def __init__(self, cluster: StateStore, disk: FileStateStore) -> None:
+        self.cluster = cluster
+        self.disk = disk
+
+    def read(self) -> Deployed | None:
+        """The cluster's record, else the disk's."""
+        return self.cluster.read() or self.disk.read()
+
+    def write(self, deployed: Deployed | None) -> None:
+        """Replace both records, the disk's first."""
+        self.disk.write(deployed)
+        self.cluster.write(deployed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -45,7 +46,12 @@ class Rehearsed:
 
 
 def deploy_standin(
-    models: list[dict[str, Any]], cluster: str, address: str, port: int, reserve_gib: float
+    models: list[dict[str, Any]],
+    cluster: str,
+    address: str,
+    port: int,
+    reserve_gib: float,
+    state_dir: str | None = None,
 ) -> Rehearsed:
     """Deploy `models` with the stand-in on the cluster file's nodes; read every engine's report."""
 
@@ -57,6 +63,7 @@ def deploy_standin(
         http_port=port,
         engine="standin",
         cluster=parse_cluster(cluster, source="cluster file"),
+        state_dir=Path(state_dir) if state_dir else None,
     )
     registry = ModelManager([ModelConfig.model_validate(m) for m in models])
     console = Console(file=out, width=160)
@@ -88,11 +95,15 @@ def read_reports(address: str, model_ids: list[str]) -> dict[str, EngineReport]:
         ray.shutdown()
 
 
-def down_all(address: str) -> str:
+def down_all(address: str, state_dir: str | None = None) -> str:
     """`rackserve down`: remove the application and every engine."""
 
     out = io.StringIO()
-    down(address, plain_lines(Console(file=out, width=160)))
+    down(
+        address,
+        plain_lines(Console(file=out, width=160)),
+        state_dir=Path(state_dir) if state_dir else None,
+    )
     return out.getvalue()
 
 

@@ -42,6 +42,7 @@ from deployer.config.models_config import ModelConfig, ModelManager
 from deployer.planning.packing import CAPACITY
 from deployer.planning.placement import Plan, ray_assigns_bundle
 from deployer.planning.workflow import plan_models
+from deployer.serving.state import FileStateStore
 from deployer.sources.estimates import estimate_models
 from tests.integration import rehearsal
 from tools.local_ray import HEAD_IP, WorkerSpec, start_ray_cluster, temp_root
@@ -83,9 +84,13 @@ class Rack:
     cluster: Cluster
     port: int
     driver: ProcessPoolExecutor
+    state_dir: Path
+    """Deploys keep their record, events and lock here too (`--state-dir`)."""
 
     def down(self) -> None:
-        self.driver.submit(rehearsal.down_all, self.address).result(timeout=300)
+        self.driver.submit(rehearsal.down_all, self.address, str(self.state_dir)).result(
+            timeout=300
+        )
 
     def deploy(self, models: list[dict[str, Any]]) -> rehearsal.Rehearsed:
         return self.driver.submit(
@@ -95,6 +100,7 @@ class Rack:
             self.address,
             self.port,
             RESERVE_GIB,
+            str(self.state_dir),
         ).result(timeout=900)
 
 
@@ -118,7 +124,13 @@ def rack() -> Iterator[Rack]:
         with socket.socket() as sock:
             sock.bind((HEAD_IP, 0))
             port = int(sock.getsockname()[1])
-        rack = Rack(cluster.address, parse_cluster(json.dumps(CLUSTER_FILE)), port, driver)
+        rack = Rack(
+            cluster.address,
+            parse_cluster(json.dumps(CLUSTER_FILE)),
+            port,
+            driver,
+            Path(base) / "state",
+        )
         yield rack
         with contextlib.suppress(Exception):
             rack.down()
@@ -410,6 +422,17 @@ def test_a_redeploy_leaves_kept_engines_on_their_gpus(rack: Rack) -> None:
     for p in after.plan.placements:
         if placed_before.get(p.model_id) == p.as_json():
             assert p.model_id in kept, f"{p.model_id} is placed as before but was restarted"
+
+    # The state directory kept the same record and logged both deploys, the second as a change.
+    disk = FileStateStore(rack.state_dir)
+    record = disk.read()
+    assert record is not None
+    assert [m["model_id"] for m in record.models] == [m["model_id"] for m in grown]
+    assert record.placements == [p.as_json() for p in after.plan.placements]
+    events = [e for e in disk.events(last=50) if e["event"] == "deployed"]
+    assert sorted(events[-1]["kept"]) == sorted(kept)
+    assert "r4" in events[-1]["started"]
+    assert sorted(events[-2]["started"]) == sorted(m["model_id"] for m in first)
 
     # The real ingress runs over the stand-ins: it lists them, and a request gets a clear refusal.
     endpoint = f"http://{HEAD_IP}:{rack.port}/v1"
