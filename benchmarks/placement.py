@@ -311,7 +311,7 @@ def command_line(models: int, nodes: int, seed: int, repeats: int) -> None:
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                subprocess.run(
+                done = subprocess.run(
                     [
                         sys.executable,
                         "-m",
@@ -329,6 +329,8 @@ def command_line(models: int, nodes: int, seed: int, repeats: int) -> None:
                     check=False,  # exit 3 (some model does not fit) is an answer
                 )
                 times.append(time.perf_counter() - start)
+                if done.returncode not in (0, 3):
+                    raise SystemExit(f"`rackserve plan` failed on {name}: exit {done.returncode}")
             medians[name] = statistics.median(times)
     print(f"(d) `rackserve plan` end to end, median of {repeats} runs:")
     for name, seconds in medians.items():
