@@ -115,6 +115,15 @@ def _stop(node: RayNode) -> None:
         node.process.wait(STOP_TIMEOUT_S)
 
 
+def kill_node(node: RayNode) -> None:
+    """A power cut: SIGKILL every process of the node's session at once (no drain, no goodbye)."""
+    for pid in _session_pids(node.process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.process.wait(STOP_TIMEOUT_S)
+
+
 def _start(args: list[str], name: str, ip: str, temp_dir: Path, env: dict[str, str]) -> RayNode:
     temp_dir.mkdir(parents=True)
     log = temp_dir.with_suffix(".log")

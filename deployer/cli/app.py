@@ -155,6 +155,16 @@ AddressOption = Annotated[
 ]
 
 
+ClusterFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cluster",
+        "-c",
+        help="Plan on this cluster file instead of probing (logical GPUs: NVML finds none); "
+        "each node must be a Ray node labelled rackserve/node=NAME with at least its GPUs.",
+        dir_okay=False,
+    ),
+]
 StateDirOption = Annotated[
     Path | None,
     typer.Option(
@@ -210,16 +220,7 @@ def deploy(
             "bundles with a stand-in that serves nothing (dry runs, logical GPUs).",
         ),
     ] = "vllm",
-    cluster: Annotated[
-        Path | None,
-        typer.Option(
-            "--cluster",
-            "-c",
-            help="Plan on this cluster file instead of probing (logical GPUs: NVML finds none); "
-            "each node must be a Ray node labelled rackserve/node=NAME with at least its GPUs.",
-            dir_okay=False,
-        ),
-    ] = None,
+    cluster: ClusterFileOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
     """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
@@ -240,6 +241,93 @@ def deploy(
         state_dir=state_dir,
     )
     run_deploy(registry, options, plain_lines(console), lambda plan: print_plan(console, plan))
+
+
+GraceOption = Annotated[
+    float,
+    typer.Option(
+        "--grace-s", min=0, max=86_400, help="A node gone this long has its models re-placed."
+    ),
+]
+JoinTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--join-timeout-s",
+        min=0,
+        max=86_400,
+        help="After a cold start, how long to wait for the nodes last used.",
+    ),
+]
+
+
+def _reconcile_options(
+    address: str,
+    state_dir: Path | None,
+    reserve_gib: float,
+    http_host: str,
+    http_port: int,
+    cluster: Path | None,
+    grace_s: float,
+    join_timeout_s: float,
+) -> Any:
+    from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray
+    from deployer.serving.reconcile import ReconcileOptions  # noqa: PLC0415
+
+    deploy_options = DeployOptions(
+        address,
+        reserve_gib=reserve_gib,
+        http_host=http_host,
+        http_port=http_port,
+        cluster=load_cluster(cluster) if cluster else None,
+        state_dir=state_dir,
+    )
+    return ReconcileOptions(deploy_options, grace_s=grace_s, join_timeout_s=join_timeout_s)
+
+
+@app.command()
+def reconcile(
+    address: AddressOption = "auto",
+    state_dir: StateDirOption = None,
+    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
+    http_host: HttpHostOption = DEFAULT_HTTP_HOST,
+    http_port: HttpPortOption = DEFAULT_HTTP_PORT,
+    cluster: ClusterFileOption = None,
+    grace_s: GraceOption = 60.0,
+    join_timeout_s: JoinTimeoutOption = 300.0,
+) -> None:
+    """One pass: bring back what was deployed (a cold start, a lost node), then exit."""
+    require("ray.serve", "reconcile")
+    from deployer.serving.reconcile import reconcile_once  # noqa: PLC0415 - needs Ray
+
+    options = _reconcile_options(
+        address, state_dir, reserve_gib, http_host, http_port, cluster, grace_s, join_timeout_s
+    )
+    decision = reconcile_once(options, plain_lines(console))
+    plain_lines(console)(f"{decision.action}: {decision.reason}")
+
+
+@app.command()
+def controller(
+    address: AddressOption = "auto",
+    state_dir: StateDirOption = None,
+    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
+    http_host: HttpHostOption = DEFAULT_HTTP_HOST,
+    http_port: HttpPortOption = DEFAULT_HTTP_PORT,
+    cluster: ClusterFileOption = None,
+    grace_s: GraceOption = 60.0,
+    join_timeout_s: JoinTimeoutOption = 300.0,
+    interval_s: Annotated[
+        float, typer.Option("--interval-s", min=1, max=3_600, help="Seconds between passes.")
+    ] = 10.0,
+) -> None:
+    """Reconcile passes forever (the head's rackserve-controller service)."""
+    require("ray.serve", "controller")
+    from deployer.serving.reconcile import run_controller  # noqa: PLC0415 - needs Ray
+
+    options = _reconcile_options(
+        address, state_dir, reserve_gib, http_host, http_port, cluster, grace_s, join_timeout_s
+    )
+    run_controller(options, plain_lines(console), interval_s=interval_s)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from deployer.config.cluster import Cluster, Gpu, Node
 from deployer.config.models_config import ModelManager
 from deployer.config.units import MIB
 from deployer.planning.estimate import MemoryEstimate
-from deployer.planning.placement import Plan
+from deployer.planning.placement import Plan, Unplaced
 from deployer.planning.serve_config import EngineSpec, engine_specs
 from deployer.planning.workflow import plan_models
 
@@ -109,12 +109,14 @@ def with_own_memory_freed(cluster: Cluster, deployed: Deployed | None) -> Cluste
     return Cluster(nodes=nodes)
 
 
-def keep_on_their_nodes(models: ModelManager, deployed: Deployed | None) -> ModelManager:
-    """Pin each model that is deployed unchanged to the node it runs on, so it stays there."""
+def keep_on_their_nodes(
+    models: ModelManager, deployed: Deployed | None, lost: Collection[str] = ()
+) -> ModelManager:
+    """Pin each model that is deployed unchanged to the node it runs on, unless that is lost."""
     if deployed is None:
         return models
     before = {m["model_id"]: m for m in deployed.models}
-    nodes = {p["model_id"]: p["node"] for p in deployed.placements}
+    nodes = {p["model_id"]: p["node"] for p in deployed.placements if p["node"] not in lost}
     kept = ModelManager()
     for model in models:
         same = before.get(model.model_id) == model.model_dump(mode="json")
@@ -134,6 +136,7 @@ def replan(
     *,
     engine: str = "vllm",
     memory_counts_ours: bool = True,
+    lost: Collection[str] = (),
 ) -> Redeploy:
     """Plan `models` onto `cluster` keeping in place every engine in `running` that stays as is.
 
@@ -141,13 +144,24 @@ def replan(
     Serve still runs. An engine is kept when its launch description (node, GPUs, memory, engine
     arguments) comes out the same and `engine` is what runs it; kept engines hold the GPUs Ray
     gave them. `memory_counts_ours` says whether the cluster's free memory was measured with our
-    engines running (a probe) or not (a cluster file, whose figures never move).
+    engines running (a probe) or not (a cluster file, whose figures never move). Engines on
+    `lost` nodes are stopped and placed again elsewhere (a model pinned there stays unplaced).
     """
     replace_all = deployed is not None and deployed.engine != engine
     was_running = sorted(running)
+    node_of = {p["model_id"]: p["node"] for p in (deployed.placements if deployed else [])}
+    on_lost = {m for m in running if node_of.get(m) in lost}
+    running = [m for m in running if m not in on_lost]
     if deployed is None or replace_all:
-        running = ()
-    pinned = keep_on_their_nodes(models, deployed)
+        running = []
+    stranded = {m.model_id: m.node for m in models if m.node is not None and m.node in lost}
+    if stranded:  # pinned by their config to a lost node: unplaced until it is back
+        kept_estimates = [
+            e for m, e in zip(models, estimates, strict=True) if m.model_id not in stranded
+        ]
+        models = ModelManager([m for m in models if m.model_id not in stranded])
+        estimates = kept_estimates
+    pinned = keep_on_their_nodes(models, deployed, lost)
     freed = with_own_memory_freed(cluster, deployed) if memory_counts_ours else cluster
     before: Mapping[str, Mapping[str, Any]] = deployed.engines if deployed else {}
     wanted = {m.model_id for m in models}
@@ -173,10 +187,23 @@ def replan(
         if not moving:
             break
         in_place = {m: gpus for m, gpus in in_place.items() if m not in moving}
+    if stranded:
+        plan = dataclasses.replace(
+            plan,
+            unplaced=(
+                *plan.unplaced,
+                *(
+                    Unplaced(
+                        m, f"pinned to node {n!r}, which is lost; placed again when it is back"
+                    )
+                    for m, n in stranded.items()
+                ),
+            ),
+        )
     placed = {s.model_id for s in specs}
     if replace_all:  # another engine runs the models: every running one is replaced
         return Redeploy(plan=plan, specs=specs, start=specs, stop=was_running, keep=[])
-    stop = sorted((set(running) & set(before)) - (placed - changed))
+    stop = sorted(((set(running) & set(before)) - (placed - changed)) | on_lost)
     return Redeploy(
         plan=plan,
         specs=specs,

@@ -77,6 +77,8 @@ class DeployOptions:
     """Also keep the record, an event log and a lock in this directory (the head's disk)."""
     lock_wait_s: float = 60.0
     """How long a deploy waits for another one holding the state directory's lock."""
+    lost: tuple[str, ...] = ()
+    """Nodes gone: plan without them, and start their engines elsewhere (reconcile)."""
 
 
 def _start_engines(specs: Sequence[EngineSpec], say: Say, engine: Engine) -> None:
@@ -160,7 +162,8 @@ def _deploy(
     applications = serve.status().applications
     running = APP_NAME in applications
     document = models_document(models)
-    if deployed is not None and deployed.same_as(document, options.engine) and running:
+    unchanged = deployed is not None and deployed.same_as(document, options.engine)
+    if unchanged and running and not options.lost:
         say("nothing to change: these models are deployed as planned")
         return None
     cluster = _cluster_for(options)
@@ -178,6 +181,7 @@ def _deploy(
         options.reserve_gib,
         engine=options.engine,
         memory_counts_ours=options.cluster is None,
+        lost=options.lost,
     )
     plan = change.plan
     on_plan(plan)
@@ -302,7 +306,10 @@ def _cluster_for(options: DeployOptions) -> Cluster:
 
     if options.cluster is None:
         return probe_cluster(options.address)
-    return checked_against_ray(options.cluster, ray.nodes())  # type: ignore[no-untyped-call]
+    kept = [n for n in options.cluster.nodes if n.name not in options.lost]
+    if not kept:
+        raise LaunchError(f"every node of the cluster file is lost: {', '.join(options.lost)}")
+    return checked_against_ray(Cluster(nodes=kept), ray.nodes())  # type: ignore[no-untyped-call]
 
 
 def checked_against_ray(cluster: Cluster, node_table: Sequence[Mapping[str, Any]]) -> Cluster:

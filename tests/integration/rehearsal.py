@@ -23,6 +23,7 @@ from deployer.planning.placement import Plan
 from deployer.serving.applications import ENGINE_DEPLOYMENT, model_app_name
 from deployer.serving.launch import DeployOptions, deploy, down
 from deployer.serving.probe import connect
+from deployer.serving.reconcile import ReconcileOptions, reconcile_once
 from deployer.serving.standin import EngineReport
 from tools.local_ray import HEAD_IP
 
@@ -115,5 +116,39 @@ def applications(address: str) -> dict[str, str]:
     connect(address)
     try:
         return {name: str(app.status) for name, app in serve.status().applications.items()}
+    finally:
+        ray.shutdown()
+
+
+def reconcile_standin(cluster: str, address: str, port: int, state_dir: str) -> str:
+    """`rackserve reconcile --cluster FILE --state-dir DIR` once; what it printed."""
+    out = io.StringIO()
+    options = ReconcileOptions(
+        DeployOptions(
+            address=address,
+            reserve_gib=0.0,
+            http_host=HEAD_IP,
+            http_port=port,
+            engine="standin",
+            cluster=parse_cluster(cluster, source="cluster file"),
+            state_dir=Path(state_dir),
+        ),
+        grace_s=0.0,
+    )
+    decision = reconcile_once(options, plain_lines(Console(file=out, width=160)))
+    return f"{decision.action}: {decision.reason}\n{out.getvalue()}"
+
+
+def alive_nodes(address: str) -> list[str]:
+    """The `rackserve/node` names of the nodes Ray shows alive."""
+    import ray
+
+    connect(address)
+    try:
+        return sorted(
+            str(row["Labels"]["rackserve/node"])
+            for row in ray.nodes()  # type: ignore[no-untyped-call]
+            if row.get("Alive") and "rackserve/node" in (row.get("Labels") or {})
+        )
     finally:
         ray.shutdown()

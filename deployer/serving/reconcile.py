@@ -1,0 +1,164 @@
+"""`rackserve reconcile` (one pass) and `rackserve controller` (passes forever, on the head).
+
+Each pass observes the cluster (alive nodes by their `rackserve/node` label, Serve's
+applications), asks `deployer.planning.reconcile.decide` what to do with what was deployed
+last (the state directory's record, else the cluster's), and does it through `launch.deploy`
+with `--allow-partial`: a model that no longer fits is reported unplaced, the others serve.
+The controller remembers since when each node has been gone, logs one line per change of what
+it decides (not one per pass), and retries an unreachable cluster with a growing pause.
+
+Ray is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from deployer.config.cluster import NODE_LABEL
+from deployer.config.models_config import ModelConfig, ModelManager
+from deployer.errors import RackserveError
+from deployer.planning.reconcile import Decision, Observed, decide
+from deployer.planning.redeploy import Deployed
+from deployer.planning.serve_config import APP_NAME
+from deployer.serving.applications import model_app_name
+from deployer.serving.launch import DeployOptions, Say, deploy
+from deployer.serving.probe import connect
+from deployer.serving.state import FileStateStore, MirroredStore, RayKvStore
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconcileOptions:
+    """How a pass deploys (the deploy's own options) and its timing."""
+
+    deploy: DeployOptions
+    grace_s: float = 60.0
+    """A node gone this long has its models placed elsewhere."""
+    join_timeout_s: float = 300.0
+    """After a cold start, how long to wait for the nodes last used before deploying without."""
+
+
+def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Observed]:
+    """What was deployed last and what the cluster shows now."""
+    import ray
+    from ray import serve
+
+    connect(address)
+    try:
+        store = (
+            MirroredStore(RayKvStore(), FileStateStore(state_dir)) if state_dir else RayKvStore()
+        )
+        desired = store.read()
+        rows: list[Mapping[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+        alive = frozenset(
+            str((row.get("Labels") or {}).get(NODE_LABEL))
+            for row in rows
+            if row.get("Alive") and (row.get("Labels") or {}).get(NODE_LABEL)
+        )
+        applications = serve.status().applications
+        engines = frozenset(
+            p["model_id"]
+            for p in (desired.placements if desired else [])
+            if model_app_name(p["model_id"]) in applications
+        )
+        return desired, Observed(alive=alive, ingress=APP_NAME in applications, engines=engines)
+    finally:
+        ray.shutdown()
+
+
+def act(desired: Deployed, decision: Decision, options: ReconcileOptions, say: Say) -> list[str]:
+    """Deploy what `desired` records, planning without the decision's lost nodes.
+
+    Returns the models left unplaced (no room, or pinned to a lost node).
+    """
+    models = ModelManager([ModelConfig.model_validate(m) for m in desired.models])
+    deploy_options = dataclasses.replace(
+        options.deploy,
+        allow_partial=True,
+        plan_only=False,
+        lost=decision.lost,
+        engine="standin" if desired.engine == "standin" else "vllm",
+    )
+    unplaced: list[str] = []
+
+    def on_plan(plan: Any) -> None:
+        unplaced.extend(f"{u.model_id} ({u.reason})" for u in plan.unplaced)
+
+    deploy(models, deploy_options, say, on_plan)
+    return unplaced
+
+
+def reconcile_once(
+    options: ReconcileOptions,
+    say: Say,
+    gone_for_s: Mapping[str, float] | None = None,
+    seen: tuple[Deployed | None, Observed] | None = None,
+) -> Decision:
+    """One pass: observe (unless `seen`), decide, act.
+
+    `gone_for_s` is the controller's memory of lost nodes; without it (`rackserve reconcile`),
+    a node Ray does not show alive counts as gone past the grace period: a pass run by hand
+    acts at once.
+    """
+    state_dir = options.deploy.state_dir
+    desired, observed = seen or observe(options.deploy.address, state_dir)
+    if gone_for_s is None:
+        used = {p["node"] for p in (desired.placements if desired else [])}
+        gone_for_s = dict.fromkeys(used, options.grace_s + options.join_timeout_s)
+    decision = decide(
+        desired,
+        observed,
+        gone_for_s,
+        grace_s=options.grace_s,
+        join_timeout_s=options.join_timeout_s,
+    )
+    if decision.action != "deploy" or desired is None:
+        return decision
+    say(decision.reason)
+    disk = FileStateStore(state_dir) if state_dir else None
+    if disk:
+        disk.record("reconcile", reason=decision.reason, lost=list(decision.lost))
+    unplaced = act(desired, decision, options, say)
+    if disk and unplaced:
+        disk.record("unplaced", models=unplaced)
+    for line in unplaced:
+        say(f"unplaced: {line}")
+    return decision
+
+
+def run_controller(
+    options: ReconcileOptions,
+    say: Say,
+    interval_s: float = 10.0,
+    passes: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Passes every `interval_s` (forever, or `passes` times); never raises on a failed pass."""
+    last_seen: dict[str, float] = {}
+    started = clock()
+    said = ""
+    pause = interval_s
+    count = 0
+    while passes is None or count < passes:
+        count += 1
+        try:
+            desired, observed = observe(options.deploy.address, options.deploy.state_dir)
+            now = clock()
+            for node in observed.alive:
+                last_seen[node] = now
+            used = {p["node"] for p in (desired.placements if desired else [])}
+            gone = {n: now - last_seen.get(n, started) for n in used if n not in observed.alive}
+            decision = reconcile_once(options, say, gone, (desired, observed))
+            line = f"{decision.action}: {decision.reason}"
+            pause = interval_s
+        except RackserveError as exc:
+            line = f"pass failed: {exc}"
+            pause = min(pause * 2, 300.0)
+        if line != said:  # one line per change of state, not one per pass
+            say(line)
+            said = line
+        if passes is None or count < passes:
+            time.sleep(pause)

@@ -1,0 +1,221 @@
+"""A node lost under load: `rackserve reconcile` re-places its model, the others never fail.
+
+A real local Ray cluster on loopback (a head and three workers with 2 logical H100s each) runs
+three stand-in engines: `stay` (pinned to gpu-a), `mover` and `big` (tensor parallel 2). A client
+thread per model sends requests throughout and counts every answer. The node holding `big` is
+killed with SIGKILL (every process of its Ray node at once, a power cut); once Ray shows it dead,
+one reconcile pass re-plans without it. Asserted: the models on the other nodes failed 0
+requests, `big` answers again from a surviving node on the GPUs the new plan printed, and the
+state directory logged the pass.
+
+The stand-in serves no tokens: an answer is its refusal (HTTP 501 naming the stand-in), which
+proves the request went through the proxy, the ingress and a live engine replica and back.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer.serving.state import FileStateStore
+from tests.integration import rehearsal
+from tools.local_ray import HEAD_IP, RayCluster, WorkerSpec, kill_node, start_ray_cluster, temp_root
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+
+H100 = "NVIDIA H100 80GB HBM3"
+WORKERS = ("gpu-a", "gpu-b", "gpu-c")
+CLUSTER_FILE = json.dumps(
+    {
+        "nodes": [
+            {
+                "name": name,
+                "gpus": [
+                    {"index": i, "name": H100, "memory_total_mib": 81559, "memory_free_mib": 81000}
+                    for i in range(2)
+                ],
+            }
+            for name in WORKERS
+        ]
+    }
+)
+MODELS = [
+    {"model_id": "stay", "gpu_memory_gib": 60.0, "node": "gpu-a"},
+    {"model_id": "mover", "gpu_memory_gib": 60.0},
+    {"model_id": "big", "gpu_memory_gib": 60.0, "tensor_parallel_size": 2},
+]
+REQUEST_TIMEOUT_S = 10.0
+DEAD_WITHIN_S = 120.0
+BACK_WITHIN_S = 240.0
+
+
+@dataclass
+class Counts:
+    """Every request's outcome for one model, with when it was sent."""
+
+    answered: list[float] = field(default_factory=list)
+    failed: list[tuple[float, str]] = field(default_factory=list)
+
+
+def ask(port: int, model_id: str) -> str | None:
+    """One chat request; None when the model's engine answered, else what went wrong."""
+    request = urllib.request.Request(
+        f"http://{HEAD_IP}:{port}/v1/chat/completions",
+        data=json.dumps(
+            {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        return None if exc.code == 501 and "stand-in engine" in body else f"HTTP {exc.code}"
+    except OSError as exc:  # refused, reset, timed out
+        return type(exc).__name__
+
+
+class ClientLoop:
+    """A thread per model sending requests one after another until stopped (at most 10,000)."""
+
+    def __init__(self, port: int, model_ids: list[str]) -> None:
+        self.counts = {m: Counts() for m in model_ids}
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(port, m), daemon=True) for m in model_ids
+        ]
+
+    def _run(self, port: int, model_id: str) -> None:
+        counts = self.counts[model_id]
+        for _ in range(10_000):
+            if self._stop.is_set():
+                return
+            sent = time.monotonic()
+            problem = ask(port, model_id)
+            if problem is None:
+                counts.answered.append(sent)
+            else:
+                counts.failed.append((sent, problem))
+                time.sleep(0.2)
+
+    def __enter__(self) -> ClientLoop:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(REQUEST_TIMEOUT_S + 5)
+
+    def wait_answered(self, model_id: str, after: float, timeout_s: float) -> float:
+        """When `model_id` first answered a request sent after `after`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            later = [t for t in self.counts[model_id].answered if t > after]
+            if later:
+                return later[0]
+            time.sleep(0.5)
+        raise AssertionError(f"{model_id} did not answer within {timeout_s:.0f} s")
+
+
+@dataclass(frozen=True)
+class Rack:
+    cluster: RayCluster
+    driver: ProcessPoolExecutor
+    port: int
+    state_dir: Path
+
+    def submit(self, function: Any, *args: Any, timeout: float = 600) -> Any:
+        return self.driver.submit(function, *args).result(timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def rack() -> Iterator[Rack]:
+    with (
+        temp_root("rs-nl-") as base,
+        start_ray_cluster(
+            base,
+            ("head", WORKERS[0]),
+            worker_args=("--num-gpus=2", "--num-cpus=16"),
+            extra_workers=[WorkerSpec(n, ("--num-gpus=2", "--num-cpus=16")) for n in WORKERS[1:]],
+        ) as cluster,
+        ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=rehearsal.init_process,
+        ) as driver,
+    ):
+        with socket.socket() as sock:
+            sock.bind((HEAD_IP, 0))
+            port = int(sock.getsockname()[1])
+        yield Rack(cluster, driver, port, base / "state")
+
+
+def test_a_lost_node_s_model_is_re_placed_and_the_others_fail_nothing(rack: Rack) -> None:
+    address = rack.cluster.address
+    first = rack.submit(
+        rehearsal.deploy_standin, MODELS, CLUSTER_FILE, address, rack.port, 0.0, str(rack.state_dir)
+    )
+    assert first.plan is not None, first.output
+    where = {p.model_id: p.node for p in first.plan.placements}
+    victim = where["big"]
+    assert victim not in (where["stay"], where["mover"]), where
+    survivors = [m for m in where if where[m] != victim]
+
+    with ClientLoop(rack.port, list(where)) as loop:
+        start = time.monotonic()
+        for model_id in where:
+            loop.wait_answered(model_id, start, 120)
+        killed = time.monotonic()
+        kill_node(next(n for n in rack.cluster.nodes if n.name == victim))
+        deadline = killed + DEAD_WITHIN_S
+        while victim in rack.submit(rehearsal.alive_nodes, address):
+            assert time.monotonic() < deadline, f"Ray still shows {victim} alive"
+            time.sleep(2)
+        seen_dead = time.monotonic()
+        said = rack.submit(
+            rehearsal.reconcile_standin, CLUSTER_FILE, address, rack.port, str(rack.state_dir)
+        )
+        assert said.startswith("deploy:"), said
+        back = loop.wait_answered("big", seen_dead, BACK_WITHIN_S)
+        time.sleep(5)  # the others keep being asked after the move too
+
+    counts = loop.counts
+    report = {
+        m: (len(c.answered), [f"{t - killed:+.1f}s {why}" for t, why in c.failed][:5])
+        for m, c in counts.items()
+    }
+    print(
+        f"\nnode loss: {victim} killed; Ray showed it dead after {seen_dead - killed:.1f} s; "
+        f"big answered again {back - killed:.1f} s after the kill; requests answered and the "
+        f"first failures per model: {report}"
+    )
+    for model_id in survivors:
+        assert counts[model_id].failed == [], f"{model_id} failed requests: {report[model_id]}"
+        assert len(counts[model_id].answered) > 10
+
+    reports = rack.submit(rehearsal.read_reports, address, list(where))
+    big = reports["big"]
+    assert big.node != victim
+    record = FileStateStore(rack.state_dir).read()
+    assert record is not None
+    placed = {p["model_id"]: p for p in record.placements}
+    assert placed["big"]["node"] == big.node != victim
+    assert sorted(big.gpus) == sorted(placed["big"]["gpus"])
+    assert placed["stay"]["node"] == where["stay"]
+    events = FileStateStore(rack.state_dir).events()
+    assert any(e["event"] == "reconcile" and e["lost"] == [victim] for e in events), events

@@ -1,0 +1,86 @@
+"""What a reconcile pass decides, and re-planning without a lost node: pure, no Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployer.planning.reconcile import Observed, decide
+from deployer.planning.redeploy import Deployed, replan
+from deployer.sources.estimates import estimate_models
+from tests.unit.test_redeploy import CLUSTER, deploy, gpus, models, record
+
+pytestmark = pytest.mark.unit
+
+WANTED = models(
+    "{model_id: x, gpu_memory_gib: 60}",
+    "{model_id: y, gpu_memory_gib: 60}",
+    "{model_id: z, gpu_memory_gib: 60, node: b}",
+)
+
+
+def deployed() -> Deployed:
+    return record(WANTED, deploy(WANTED, None))
+
+
+def nodes_of(desired: Deployed) -> dict[str, str]:
+    return {p["model_id"]: p["node"] for p in desired.placements}
+
+
+def seen(alive: set[str], ingress: bool = True, engines: set[str] | None = None) -> Observed:
+    return Observed(
+        alive=frozenset(alive),
+        ingress=ingress,
+        engines=frozenset({"x", "y", "z"} if engines is None else engines),
+    )
+
+
+def test_nothing_deployed_or_everything_running_means_nothing_to_do() -> None:
+    assert decide(None, seen(set()), {}).action == "none"
+    assert decide(deployed(), seen({"a", "b"}), {}).action == "none"
+
+
+def test_a_cold_start_waits_for_the_nodes_then_deploys_without_the_missing() -> None:
+    cold = seen({"a"}, ingress=False, engines=set())
+    waiting = decide(deployed(), cold, {"b": 10.0}, join_timeout_s=300)
+    assert waiting.action == "wait"
+    assert "b" in waiting.reason
+    late = decide(deployed(), cold, {"b": 400.0}, join_timeout_s=300)
+    assert (late.action, late.lost) == ("deploy", ("b",))
+    everyone = decide(deployed(), seen({"a", "b"}, ingress=False, engines=set()), {})
+    assert (everyone.action, everyone.lost) == ("deploy", ())
+
+
+def test_a_node_gone_past_the_grace_period_is_planned_without() -> None:
+    desired = deployed()
+    assert nodes_of(desired)["z"] == "b"
+    within = decide(desired, seen({"a"}), {"b": 30.0}, grace_s=60)
+    assert within.action == "wait"
+    past = decide(desired, seen({"a"}), {"b": 61.0}, grace_s=60)
+    assert (past.action, past.lost) == ("deploy", ("b",))
+    assert "z" in past.reason
+
+
+def test_an_engine_removed_by_hand_is_deployed_again() -> None:
+    decision = decide(deployed(), seen({"a", "b"}, engines={"x", "z"}), {})
+    assert decision.action == "deploy"
+    assert "y" in decision.reason
+    assert decision.lost == ()
+
+
+def test_re_planning_without_a_lost_node_moves_only_its_models() -> None:
+    desired = deployed()
+    where = nodes_of(desired)
+    on_b = sorted(m for m, n in where.items() if n == "b")
+    alive = CLUSTER.model_copy(update={"nodes": [n for n in CLUSTER.nodes if n.name != "b"]})
+    change = replan(
+        alive, WANTED, estimate_models(WANTED), desired, ["x", "y", "z"], 0.0, lost=["b"]
+    )
+    assert sorted(change.stop) == on_b
+    placed = gpus(change)
+    for model_id, node in where.items():
+        if node == "a":
+            assert model_id in change.keep
+            assert placed[model_id] == gpus(deploy(WANTED, None))[model_id]
+    # z is pinned to b by its config: unplaced, not moved; unpinned models of b moved to a.
+    assert [u.model_id for u in change.plan.unplaced] == ["z"]
+    assert all(placed[m][0] == "a" for m in on_b if m != "z")
