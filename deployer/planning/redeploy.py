@@ -32,6 +32,8 @@ class Deployed:
     engines: dict[str, dict[str, Any]]
     engine: str = "vllm"
     """What ran the models: `vllm`, or the rehearsal stand-in."""
+    ingress: str = ""
+    """What the ingress was built from (`applications.ingress_key`): unchanged, it is kept."""
 
     def to_bytes(self) -> bytes:
         """JSON, for the state store."""
@@ -48,6 +50,7 @@ class Deployed:
             placements=document["placements"],
             engines=document.get("engines", {}),
             engine=document.get("engine", "vllm"),
+            ingress=document.get("ingress", ""),
         )
 
     def same_as(self, models: list[dict[str, Any]], engine: str) -> bool:

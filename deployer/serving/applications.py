@@ -12,6 +12,7 @@ Ray is imported inside the functions only.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from typing import Any, Literal
 from deployer.planning.serve_config import APP_NAME, EngineSpec
 from deployer.serving.standin import StandInEngine
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""The resource only Ray's head node has (`ray._common.constants.HEAD_NODE_RESOURCE_NAME`)."""
 ENGINE_DEPLOYMENT = "engine"
 """The deployment inside each engine's application (one per application, so one name)."""
 
@@ -58,6 +61,18 @@ def engine_application(spec: EngineSpec, engine: Engine = "vllm") -> Any:
     return deployment.options(func_or_class=StandInEngine).bind(llm_config=config.model_dump())
 
 
+def ingress_key(specs: Sequence[EngineSpec], prefix: str, cpu_only: bool) -> str:
+    """What the ingress application is built from, besides where the engines run.
+
+    Two deploys with the same key need not restart the ingress: it holds handles to the
+    engines' applications by name, and lists the same model cards.
+    """
+    cards = sorted(
+        (s.model_id, s.llm_config.get("engine_kwargs", {}).get("max_model_len")) for s in specs
+    )
+    return json.dumps({"cards": cards, "prefix": prefix, "cpu_only": cpu_only}, default=str)
+
+
 def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
     """`OpenAiIngress` over handles to the engines' applications, as `build_openai_app` does."""
     from ray import serve
@@ -67,8 +82,13 @@ def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
 
     configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
     options = OpenAiIngress.get_deployment_options(configs)
+    actor = dict(options.get("ray_actor_options", {}))
+    # On the head, beside the HTTP proxy: losing a worker then never takes the ingress (and
+    # with it every model's requests) down, only that worker's engines.
+    actor["resources"] = {**actor.get("resources", {}), HEAD_NODE_RESOURCE: 0.001}
     if cpu_only:  # keep two models within 2-CPU nodes (docs/ray-and-vllm-facts.md)
-        options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
+        actor["num_cpus"] = 0
+    options["ray_actor_options"] = actor
     handles = {
         c.model_id: serve.get_deployment_handle(
             ENGINE_DEPLOYMENT, app_name=model_app_name(c.model_id)

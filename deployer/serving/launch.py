@@ -38,6 +38,7 @@ from deployer.serving.applications import (
     Engine,
     engine_application,
     ingress_application,
+    ingress_key,
     is_ours,
     model_app_name,
     quiet_builders,
@@ -206,13 +207,22 @@ def _deploy(
         say(f"unchanged, left running: {', '.join(change.keep)}")
     _start_engines(change.start, say, options.engine)
     specs = change.specs
-    serve.run(ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix)
+    front = ingress_key(specs, prefix, plan.device == "cpu")
+    if running and deployed is not None and deployed.ingress == front:
+        # Same models behind the same route: the ingress's handles (by application name) reach
+        # the restarted engines as they are; restarting it would fail requests to every model.
+        say("the ingress serves the same models: left running")
+    else:
+        serve.run(
+            ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix
+        )
     store.write(
         Deployed(
             models=document,
             placements=[p.as_json() for p in plan.placements],
             engines={s.model_id: dict(s.llm_config) for s in specs},
             engine=options.engine,
+            ingress=front,
         )
     )
     if disk:

@@ -176,6 +176,13 @@ def test_a_lost_node_s_model_is_re_placed_and_the_others_fail_nothing(rack: Rack
     assert victim not in (where["stay"], where["mover"]), where
     survivors = [m for m in where if where[m] != victim]
 
+    # Counting starts once the endpoint answers for every model (the proxy learns new routes a
+    # moment after deploy returns): what is counted is what the fault does.
+    deadline = time.monotonic() + 120
+    for model_id in where:
+        while (problem := ask(rack.port, model_id)) is not None:
+            assert time.monotonic() < deadline, f"{model_id} never answered: {problem}"
+            time.sleep(1)
     with ClientLoop(rack.port, list(where)) as loop:
         start = time.monotonic()
         for model_id in where:
@@ -191,6 +198,7 @@ def test_a_lost_node_s_model_is_re_placed_and_the_others_fail_nothing(rack: Rack
             rehearsal.reconcile_standin, CLUSTER_FILE, address, rack.port, str(rack.state_dir)
         )
         assert said.startswith("deploy:"), said
+        assert "the ingress serves the same models: left running" in said, said
         back = loop.wait_answered("big", seen_dead, BACK_WITHIN_S)
         time.sleep(5)  # the others keep being asked after the move too
 
