@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployer.errors import RackserveError
+from deployer.serving.probe import RAY_TEMP_DIR_ENV
 
 HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"
@@ -244,7 +245,7 @@ def temp_root(prefix: str = "rs-") -> Iterator[Path]:
     Under $RAY_TEMP_DIR when set (rackserve honours it wherever it starts Ray), else under
     /tmp; kept short, since Ray's Unix socket paths must fit in 107 characters.
     """
-    root = os.environ.get("RAY_TEMP_DIR")
+    root = os.environ.get(RAY_TEMP_DIR_ENV)
     if root:
         Path(root).mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix=prefix, dir=root or "/tmp"))
