@@ -263,9 +263,6 @@ JoinTimeoutOption = Annotated[
 def _reconcile_options(
     address: str,
     state_dir: Path | None,
-    reserve_gib: float,
-    http_host: str,
-    http_port: int,
     cluster: Path | None,
     grace_s: float,
     join_timeout_s: float,
@@ -274,12 +271,7 @@ def _reconcile_options(
     from deployer.serving.reconcile import ReconcileOptions  # noqa: PLC0415
 
     deploy_options = DeployOptions(
-        address,
-        reserve_gib=reserve_gib,
-        http_host=http_host,
-        http_port=http_port,
-        cluster=load_cluster(cluster) if cluster else None,
-        state_dir=state_dir,
+        address, cluster=load_cluster(cluster) if cluster else None, state_dir=state_dir
     )
     return ReconcileOptions(deploy_options, grace_s=grace_s, join_timeout_s=join_timeout_s)
 
@@ -288,9 +280,6 @@ def _reconcile_options(
 def reconcile(
     address: AddressOption = "auto",
     state_dir: StateDirOption = None,
-    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
-    http_host: HttpHostOption = DEFAULT_HTTP_HOST,
-    http_port: HttpPortOption = DEFAULT_HTTP_PORT,
     cluster: ClusterFileOption = None,
     grace_s: GraceOption = 60.0,
     join_timeout_s: JoinTimeoutOption = 300.0,
@@ -299,9 +288,7 @@ def reconcile(
     require("ray.serve", "reconcile")
     from deployer.serving.reconcile import reconcile_once  # noqa: PLC0415 - needs Ray
 
-    options = _reconcile_options(
-        address, state_dir, reserve_gib, http_host, http_port, cluster, grace_s, join_timeout_s
-    )
+    options = _reconcile_options(address, state_dir, cluster, grace_s, join_timeout_s)
     decision = reconcile_once(options, plain_lines(console))
     plain_lines(console)(f"{decision.action}: {decision.reason}")
 
@@ -310,9 +297,6 @@ def reconcile(
 def controller(
     address: AddressOption = "auto",
     state_dir: StateDirOption = None,
-    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
-    http_host: HttpHostOption = DEFAULT_HTTP_HOST,
-    http_port: HttpPortOption = DEFAULT_HTTP_PORT,
     cluster: ClusterFileOption = None,
     grace_s: GraceOption = 60.0,
     join_timeout_s: JoinTimeoutOption = 300.0,
@@ -324,9 +308,7 @@ def controller(
     require("ray.serve", "controller")
     from deployer.serving.reconcile import run_controller  # noqa: PLC0415 - needs Ray
 
-    options = _reconcile_options(
-        address, state_dir, reserve_gib, http_host, http_port, cluster, grace_s, join_timeout_s
-    )
+    options = _reconcile_options(address, state_dir, cluster, grace_s, join_timeout_s)
     run_controller(options, plain_lines(console), interval_s=interval_s)
 
 

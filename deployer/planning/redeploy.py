@@ -34,6 +34,8 @@ class Deployed:
     """What ran the models: `vllm`, or the rehearsal stand-in."""
     ingress: str = ""
     """What the ingress was built from (`applications.ingress_key`): unchanged, it is kept."""
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The deploy's own settings (`http_host`, `http_port`, `reserve_gib`), for a redeploy."""
 
     def to_bytes(self) -> bytes:
         """JSON, for the state store."""
@@ -51,6 +53,7 @@ class Deployed:
             engines=document.get("engines", {}),
             engine=document.get("engine", "vllm"),
             ingress=document.get("ingress", ""),
+            settings=document.get("settings", {}),
         )
 
     def same_as(self, models: list[dict[str, Any]], engine: str) -> bool:

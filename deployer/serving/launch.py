@@ -223,6 +223,11 @@ def _deploy(
             engines={s.model_id: dict(s.llm_config) for s in specs},
             engine=options.engine,
             ingress=front,
+            settings={
+                "http_host": options.http_host,
+                "http_port": options.http_port,
+                "reserve_gib": options.reserve_gib,
+            },
         )
     )
     if disk:

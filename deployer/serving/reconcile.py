@@ -32,7 +32,11 @@ from deployer.serving.state import FileStateStore, MirroredStore, RayKvStore
 
 @dataclasses.dataclass(frozen=True)
 class ReconcileOptions:
-    """How a pass deploys (the deploy's own options) and its timing."""
+    """How a pass deploys and its timing.
+
+    The HTTP address and the reserve come from what was deployed last (`Deployed.settings`);
+    those of `deploy` are used only for a record that has none.
+    """
 
     deploy: DeployOptions
     grace_s: float = 60.0
@@ -70,17 +74,21 @@ def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Obse
 
 
 def act(desired: Deployed, decision: Decision, options: ReconcileOptions, say: Say) -> list[str]:
-    """Deploy what `desired` records, planning without the decision's lost nodes.
+    """Deploy what `desired` records, with its settings, planning without the lost nodes.
 
     Returns the models left unplaced (no room, or pinned to a lost node).
     """
     models = ModelManager([ModelConfig.model_validate(m) for m in desired.models])
+    settings = desired.settings
     deploy_options = dataclasses.replace(
         options.deploy,
         allow_partial=True,
         plan_only=False,
         lost=decision.lost,
         engine="standin" if desired.engine == "standin" else "vllm",
+        http_host=str(settings.get("http_host", options.deploy.http_host)),
+        http_port=int(settings.get("http_port", options.deploy.http_port)),
+        reserve_gib=float(settings.get("reserve_gib", options.deploy.reserve_gib)),
     )
     unplaced: list[str] = []
 
