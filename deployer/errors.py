@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     FAILURE = 1  # the environment failed (a service unreachable, a process died)
     BAD_INPUT = 2  # the models or cluster input is wrong; nothing was planned or launched
     UNPLACED = 3  # the input is valid but some model does not fit; nothing was launched
+    NOT_SERVING = 4  # `status`: something deployed is not serving
 
 
 _UNPRINTABLE = re.compile(

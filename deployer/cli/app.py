@@ -1,11 +1,13 @@
 """The `rackserve` command line.
 
 Exit codes: 0 success; 1 the environment failed; 2 bad input (nothing planned or launched);
-3 some model could not be placed (nothing launched).
+3 some model could not be placed (nothing launched); 4 (`status`) something deployed is not
+serving.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -313,22 +315,29 @@ def controller(
 
 
 @app.command()
-def status(address: AddressOption = "auto", state_dir: StateDirOption = None) -> None:
-    """Each deployed model's node, GPUs, state and health; exit 1 if any is unhealthy."""
+def status(
+    address: AddressOption = "auto", state_dir: StateDirOption = None, json_out: JsonOption = None
+) -> None:
+    """Each deployed model's node, GPUs, state and health; exit 4 if any is not serving."""
     require("ray.serve", "status")
+    check_output_target(json_out)
     from deployer.serving.launch import model_statuses  # noqa: PLC0415 - needs Ray
     from deployer.serving.state import FileStateStore  # noqa: PLC0415
 
-    statuses = model_statuses(address)
+    statuses = model_statuses(address, state_dir=state_dir)
     events = FileStateStore(state_dir).events() if state_dir else []
-    if events:
-        console.print(events_table(events))
-    if not statuses:
-        console.print(f"no {APP_NAME!r} application is deployed")
-        return
-    console.print(status_table(statuses))
+    if json_out:
+        document = {"models": [dataclasses.asdict(s) for s in statuses], "events": events}
+        _write_json(json_out, document)
+    if json_out != "-":  # on stdout, the JSON is all
+        if events:
+            console.print(events_table(events))
+        if statuses:
+            console.print(status_table(statuses))
+        else:
+            console.print(f"no {APP_NAME!r} application is deployed")
     if not all(s.healthy for s in statuses):
-        raise typer.Exit(ExitCode.FAILURE)
+        raise typer.Exit(ExitCode.NOT_SERVING)
 
 
 @app.command()

@@ -258,31 +258,45 @@ class ModelStatus:
     message: str
 
 
-def model_statuses(address: str, store: StateStore | None = None) -> list[ModelStatus]:
-    """Each deployed model's node, GPUs, Serve state and health; empty when none is deployed."""
+def model_statuses(
+    address: str, store: StateStore | None = None, state_dir: Path | None = None
+) -> list[ModelStatus]:
+    """Each deployed model's node, GPUs, Serve state and health; empty when none is deployed.
+
+    What was deployed comes from the cluster's record, else the state directory's (after a head
+    restart the cluster has none): a model whose engine or the ingress is not running is then
+    shown, not serving.
+    """
     import ray
     from ray import serve
 
     connect(address)
     try:
-        deployed = (store or RayKvStore()).read()
+        if store is None:
+            disk = FileStateStore(state_dir) if state_dir else None
+            store = MirroredStore(RayKvStore(), disk) if disk else RayKvStore()
+        deployed = store.read()
         applications = serve.status().applications
-        if deployed is None or APP_NAME not in applications:
+        if deployed is None:
             return []
+        ingress = APP_NAME in applications
         statuses = []
         for placement in deployed.placements:
             model_id = placement["model_id"]
             app = applications.get(model_app_name(model_id))
             deployment = app.deployments.get(ENGINE_DEPLOYMENT) if app else None
             state = deployment.status.value if deployment else "MISSING"
+            message = deployment.message if deployment else "its engine is not running"
+            if not ingress:
+                message = f"the ingress {APP_NAME!r} is not running; {message}".rstrip("; ")
             statuses.append(
                 ModelStatus(
                     model_id=model_id,
                     node=placement["node"],
                     gpus=tuple(placement["gpus"]),
                     state=state,
-                    healthy=state == "HEALTHY",
-                    message=(deployment.message if deployment else "not in the application"),
+                    healthy=state == "HEALTHY" and ingress,
+                    message=message,
                 )
             )
         return statuses

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from typing import Any, NamedTuple
 
 from deployer.config.cluster import NODE_LABEL, Cluster, Node
@@ -94,6 +95,19 @@ def connect(address: str) -> None:
             "(ray://HEAD:10001); "
             f"with 'auto', set RAY_ADDRESS or {RAY_TEMP_DIR_ENV} to the cluster's."
         ) from None
+    _forget_serve_controller()
+
+
+def _forget_serve_controller() -> None:
+    """Drop Serve's cached controller handle, which may belong to a cluster that is gone.
+
+    Serve keeps the handle per driver job, and job ids restart at the same value in a new
+    cluster: a long-lived process (the controller) that reconnects after a head restart would
+    otherwise call the old cluster's Serve controller ("Can't find actor ...").
+    """
+    context = sys.modules.get("ray.serve.context")  # not imported: nothing cached
+    if context is not None:
+        context._set_global_client(None)
 
 
 def _probe_this_node(name: str) -> tuple[str, Node]:

@@ -18,6 +18,8 @@ import contextlib
 import json
 import multiprocessing
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -173,6 +175,18 @@ def ray_cluster(base: Path) -> Iterator[RayCluster]:
         yield cluster
 
 
+def status(address: str, state_dir: str) -> subprocess.CompletedProcess[str]:
+    """`rackserve status --state-dir DIR --json -`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "deployer", "status", "--address", address, "--state-dir",
+         state_dir, "--json", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+
+
 def wait_answering(port: int, model_ids: list[str], timeout_s: float) -> None:
     """Until every model's engine answers one request through the endpoint."""
     deadline = time.monotonic() + timeout_s
@@ -198,6 +212,12 @@ def test_a_cold_start_brings_back_what_was_deployed(driver: Driver) -> None:
         )
         assert first.plan is not None, first.output
     with ray_cluster(driver.base / "after") as cluster:
+        # `rackserve status` reads what should run from the state directory: nothing does.
+        before = status(cluster.address, state_dir)
+        assert before.returncode == 4, before.stderr
+        shown = json.loads(before.stdout)
+        assert [m["model_id"] for m in shown["models"]] == [m["model_id"] for m in MODELS]
+        assert not any(m["healthy"] for m in shown["models"])
         started = time.monotonic()
         said = driver.submit(
             rehearsal.reconcile_standin, CLUSTER_FILE, cluster.address, 1, state_dir
@@ -208,6 +228,9 @@ def test_a_cold_start_brings_back_what_was_deployed(driver: Driver) -> None:
         reports = driver.submit(
             rehearsal.read_reports, cluster.address, [m["model_id"] for m in MODELS]
         )
+        after = status(cluster.address, state_dir)
+        assert after.returncode == 0, after.stdout + after.stderr
+        assert all(m["healthy"] for m in json.loads(after.stdout)["models"])
     print(f"\ncold start: every model answered {back:.1f} s after the pass began")
     for p in first.plan.placements:  # the same nodes and GPUs as before the stop
         assert (reports[p.model_id].node, reports[p.model_id].gpus) == (p.node, p.gpus)
