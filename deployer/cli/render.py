@@ -215,12 +215,12 @@ def status_table(statuses: Sequence[ModelStatus]) -> Table:
         table.add_column(column)
     for s in statuses:
         table.add_row(
-            Text(printable(s.model_id)),
-            Text(printable(s.node)),
+            _text(s.model_id),
+            _text(s.node),
             ",".join(map(str, s.gpus)) or "-",
             s.state,
             "yes" if s.healthy else Text("no", style="bold red"),
-            Text(printable(s.message)),
+            _text(s.message),
         )
     return table
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from deployer.serving.applications import (
     quiet_builders,
 )
 from deployer.serving.probe import connect, probe_cluster
-from deployer.serving.state import FileStateStore, MirroredStore, RayKvStore, StateStore
+from deployer.serving.state import FileStateStore, StateStore, deployed_store
 from deployer.sources.estimates import estimate_models
 
 Say = Callable[[str], None]
@@ -127,22 +127,12 @@ def deploy(
     estimates = estimate_models(models)  # bad input fails here, before Ray is even reached
     prefix = route_prefix(models.list())
     disk = FileStateStore(options.state_dir) if options.state_dir else None
-    with _held(disk, options.lock_wait_s):
+    with disk.lock(options.lock_wait_s) if disk else contextlib.nullcontext():
         connect(options.address)
         try:
             return _deploy(models, options, say, on_plan, store, disk, estimates, prefix)
         finally:
             ray.shutdown()
-
-
-@contextlib.contextmanager
-def _held(disk: FileStateStore | None, wait_s: float) -> Iterator[None]:
-    """The state directory's lock, when there is one."""
-    if disk is None:
-        yield
-    else:
-        with disk.lock(wait_s):
-            yield
 
 
 def _deploy(
@@ -158,7 +148,7 @@ def _deploy(
     """`deploy` once connected and holding the lock."""
     from ray import serve
 
-    store = store or (MirroredStore(RayKvStore(), disk) if disk else RayKvStore())
+    store = store or deployed_store(options.state_dir)
     deployed = store.read()
     applications = serve.status().applications
     running = APP_NAME in applications
@@ -272,10 +262,7 @@ def model_statuses(
 
     connect(address)
     try:
-        if store is None:
-            disk = FileStateStore(state_dir) if state_dir else None
-            store = MirroredStore(RayKvStore(), disk) if disk else RayKvStore()
-        deployed = store.read()
+        deployed = (store or deployed_store(state_dir)).read()
         applications = serve.status().applications
         if deployed is None:
             return []
@@ -320,11 +307,9 @@ def down(
         for name in ours:  # the ingress first, so no request reaches a stopping engine
             serve.delete(name)
         say(f"removed {', '.join(ours)}" if ours else f"no {APP_NAME!r} application is deployed")
-        (store or RayKvStore()).write(None)
+        (store or deployed_store(state_dir)).write(None)
         if state_dir is not None:
-            disk = FileStateStore(state_dir)
-            disk.write(None)
-            disk.record("removed", applications=ours)
+            FileStateStore(state_dir).record("removed", applications=ours)
     finally:
         ray.shutdown()
 
@@ -341,6 +326,16 @@ def _cluster_for(options: DeployOptions) -> Cluster:
     return checked_against_ray(Cluster(nodes=kept), ray.nodes())  # type: ignore[no-untyped-call]
 
 
+def alive_by_label(node_table: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The alive rows of `ray.nodes()` by their `rackserve/node` label; unlabelled ones left out."""
+    alive: dict[str, Mapping[str, Any]] = {}
+    for row in node_table:
+        name = (row.get("Labels") or {}).get(NODE_LABEL)
+        if row.get("Alive") and name:
+            alive[str(name)] = row
+    return alive
+
+
 def checked_against_ray(cluster: Cluster, node_table: Sequence[Mapping[str, Any]]) -> Cluster:
     """The cluster file's nodes, each matched to its alive Ray node (`ray.nodes()` rows).
 
@@ -349,11 +344,7 @@ def checked_against_ray(cluster: Cluster, node_table: Sequence[Mapping[str, Any]
     The nodes come back with Ray's node id, IP and labels, so the launcher can pin to them.
     Raises ConfigError naming each node that does not match and what to fix.
     """
-    alive: dict[str, Mapping[str, Any]] = {}
-    for row in node_table:
-        name = (row.get("Labels") or {}).get(NODE_LABEL)
-        if row.get("Alive") and name:
-            alive[str(name)] = row
+    alive = alive_by_label(node_table)
     problems: list[str] = []
     nodes: list[Node] = []
     for node in cluster.nodes:

@@ -18,16 +18,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from deployer.config.cluster import NODE_LABEL
 from deployer.config.models_config import ModelConfig, ModelManager
 from deployer.errors import RackserveError
 from deployer.planning.reconcile import Decision, Observed, decide
 from deployer.planning.redeploy import Deployed
 from deployer.planning.serve_config import APP_NAME
 from deployer.serving.applications import model_app_name
-from deployer.serving.launch import DeployOptions, Say, deploy
+from deployer.serving.launch import DeployOptions, Say, alive_by_label, deploy
 from deployer.serving.probe import connect
-from deployer.serving.state import FileStateStore, MirroredStore, RayKvStore
+from deployer.serving.state import FileStateStore, deployed_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +51,8 @@ def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Obse
 
     connect(address)
     try:
-        store = (
-            MirroredStore(RayKvStore(), FileStateStore(state_dir)) if state_dir else RayKvStore()
-        )
-        desired = store.read()
-        rows: list[Mapping[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
-        alive = frozenset(
-            str((row.get("Labels") or {}).get(NODE_LABEL))
-            for row in rows
-            if row.get("Alive") and (row.get("Labels") or {}).get(NODE_LABEL)
-        )
+        desired = deployed_store(state_dir).read()
+        alive = frozenset(alive_by_label(ray.nodes()))  # type: ignore[no-untyped-call]
         applications = serve.status().applications
         engines = frozenset(
             p["model_id"]

@@ -228,3 +228,8 @@ class MirroredStore:
         """Replace both records, the disk's first."""
         self.disk.write(deployed)
         self.cluster.write(deployed)
+
+
+def deployed_store(state_dir: Path | None) -> StateStore:
+    """Where the record is kept: the cluster's store, mirrored in `state_dir` when given."""
+    return MirroredStore(RayKvStore(), FileStateStore(state_dir)) if state_dir else RayKvStore()
