@@ -70,7 +70,8 @@ class RayCluster:
         return [node.name for node in self.nodes]
 
 
-def _free_port(ip: str) -> int:
+def free_port(ip: str) -> int:
+    """A TCP port free on `ip` now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind((ip, 0))
         return int(sock.getsockname()[1])
@@ -140,7 +141,7 @@ def _start(args: list[str], name: str, ip: str, temp_dir: Path, env: dict[str, s
                 "--num-cpus=2",
                 f"--memory={4 * 1024**3}",
                 f"--object-store-memory={128 * 1024**2}",
-                f"--dashboard-agent-listen-port={_free_port(ip)}",
+                f"--dashboard-agent-listen-port={free_port(ip)}",
                 "--disable-usage-stats",
                 *args,
             ],
@@ -204,7 +205,7 @@ def start_ray_cluster(
     # `ray start --head` turns token auth on when ~/.ray/auth_token exists (a plain `ray.init()`
     # writes one), while drivers given an address never do: they would then be refused.
     env["RAY_AUTH_MODE"] = "disabled"
-    port, client_port = _free_port(HEAD_IP), _free_port(HEAD_IP)
+    port, client_port = free_port(HEAD_IP), free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
     nodes: list[RayNode] = []
     try:

@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ from deployer.planning.workflow import plan_models
 from deployer.serving.state import FileStateStore
 from deployer.sources.estimates import estimate_models
 from tests.integration import rehearsal
-from tools.local_ray import HEAD_IP, WorkerSpec, start_ray_cluster, temp_root
+from tools.local_ray import HEAD_IP, WorkerSpec, free_port, start_ray_cluster, temp_root
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu_rehearsal]
 
@@ -121,9 +120,7 @@ def rack() -> Iterator[Rack]:
             initializer=rehearsal.init_process,
         ) as driver,
     ):
-        with socket.socket() as sock:
-            sock.bind((HEAD_IP, 0))
-            port = int(sock.getsockname()[1])
+        port = free_port(HEAD_IP)
         rack = Rack(
             cluster.address,
             parse_cluster(json.dumps(CLUSTER_FILE)),

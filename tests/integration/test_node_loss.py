@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,15 @@ import pytest
 
 from deployer.serving.state import FileStateStore
 from tests.integration import rehearsal
-from tools.local_ray import HEAD_IP, RayCluster, WorkerSpec, kill_node, start_ray_cluster, temp_root
+from tools.local_ray import (
+    HEAD_IP,
+    RayCluster,
+    WorkerSpec,
+    free_port,
+    kill_node,
+    start_ray_cluster,
+    temp_root,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -157,9 +164,7 @@ def driver() -> Iterator[Driver]:
             initializer=rehearsal.init_process,
         ) as executor,
     ):
-        with socket.socket() as sock:
-            sock.bind((HEAD_IP, 0))
-            port = int(sock.getsockname()[1])
+        port = free_port(HEAD_IP)
         yield Driver(executor, port, base)
 
 
