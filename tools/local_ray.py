@@ -12,6 +12,7 @@ by PID, and never calls `ray stop` (which would stop every Ray on the machine).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployer.errors import RackserveError
@@ -63,6 +64,11 @@ class RayCluster:
     address: str
     client_address: str
     nodes: tuple[RayNode, ...]
+    head_args: tuple[str, ...] = ()
+    """The head's `ray start` arguments, for `restart_head`."""
+    head_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    started: list[RayNode] = field(default_factory=list, repr=False, compare=False)
+    """Every node started, restarts included: what the teardown stops."""
 
     @property
     def node_names(self) -> list[str]:
@@ -124,6 +130,22 @@ def kill_node(node: RayNode) -> None:
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         node.process.wait(STOP_TIMEOUT_S)
+
+
+def restart_head(cluster: RayCluster, down_s: float = 0.0) -> RayCluster:
+    """The head killed (SIGKILL, every process at once), `down_s` seconds gone, started again.
+
+    The same address, ports, node name and environment (GCS persistence included), a fresh
+    temp dir; the workers are left alone. The teardown of `start_ray_cluster` stops it too.
+    """
+    head = cluster.nodes[0]
+    kill_node(head)
+    time.sleep(down_s)
+    again = head.temp_dir.with_name(f"{head.temp_dir.name}-{len(cluster.started)}")
+    new = _start(list(cluster.head_args), head.name, head.ip, again, dict(cluster.head_env))
+    cluster.started.append(new)
+    _wait_started(new, time.monotonic() + START_TIMEOUT_S)
+    return dataclasses.replace(cluster, nodes=(new, *cluster.nodes[1:]))
 
 
 def _start(args: list[str], name: str, ip: str, temp_dir: Path, env: dict[str, str]) -> RayNode:
@@ -191,11 +213,13 @@ def start_ray_cluster(
     *,
     worker_args: Sequence[str] = (),
     extra_workers: Sequence[WorkerSpec] = (),
+    head_env: Mapping[str, str] | None = None,
 ) -> Iterator[RayCluster]:
     """Start a head and a worker on loopback addresses; stop them all (by PID) on exit.
 
     `worker_args` go to the worker's `ray start` (after the defaults, so they win: click keeps
-    an option's last value); `extra_workers` start on 127.0.0.4, 127.0.0.5, ... in turn.
+    an option's last value); `extra_workers` start on 127.0.0.4, 127.0.0.5, ... in turn;
+    `head_env` is more environment for the head (GCS persistence: `RAY_gcs_storage`, ...).
     """
     if len(extra_workers) > len(EXTRA_WORKER_IPS):
         raise LocalRayError(f"at most {len(EXTRA_WORKER_IPS)} extra workers fit on loopback")
@@ -208,19 +232,15 @@ def start_ray_cluster(
     port, client_port = free_port(HEAD_IP), free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
     nodes: list[RayNode] = []
+    head_args = (
+        "--head",
+        f"--port={port}",
+        f"--ray-client-server-port={client_port}",
+        "--include-dashboard=false",
+    )
+    env_of_head = {**env, **(head_env or {})}
     try:
-        head = _start(
-            [
-                "--head",
-                f"--port={port}",
-                f"--ray-client-server-port={client_port}",
-                "--include-dashboard=false",
-            ],
-            names[0],
-            HEAD_IP,
-            base_dir / names[0],
-            env,
-        )
+        head = _start(list(head_args), names[0], HEAD_IP, base_dir / names[0], env_of_head)
         nodes.append(head)
         _wait_started(head, time.monotonic() + START_TIMEOUT_S)
         workers = [WorkerSpec(names[1], tuple(worker_args)), *extra_workers]
@@ -232,7 +252,12 @@ def start_ray_cluster(
             _wait_started(worker, time.monotonic() + START_TIMEOUT_S)
         _wait_nodes_alive(address, len(nodes), env, START_TIMEOUT_S)
         yield RayCluster(
-            address=address, client_address=f"ray://{HEAD_IP}:{client_port}", nodes=tuple(nodes)
+            address=address,
+            client_address=f"ray://{HEAD_IP}:{client_port}",
+            nodes=tuple(nodes),
+            head_args=head_args,
+            head_env=env_of_head,
+            started=nodes,
         )
     finally:
         for node in reversed(nodes):
