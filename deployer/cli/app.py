@@ -194,7 +194,12 @@ def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
 
 
 HttpHostOption = Annotated[
-    str, typer.Option("--http-host", help="Address the OpenAI endpoint listens on (head node).")
+    str,
+    typer.Option(
+        "--http-host",
+        help="Address the OpenAI endpoint listens on. 0.0.0.0: every node's port serves it "
+        "(a proxy per node); a specific address: the head's proxy only.",
+    ),
 ]
 HttpPortOption = Annotated[
     int, typer.Option("--http-port", min=1, max=65535, help="Port of the OpenAI endpoint.")

@@ -33,6 +33,18 @@ DEFAULT_HTTP_HOST = "0.0.0.0"
 """Where the OpenAI endpoint listens by default (Serve's HTTP proxy; every interface)."""
 DEFAULT_HTTP_PORT = 8000
 """The OpenAI endpoint's default port (Serve's)."""
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+"""Addresses every node holds: with one of them, every node's proxy serves the endpoint."""
+
+
+def proxy_location(http_host: str) -> str:
+    """Where Serve runs HTTP proxies: on every node for a wildcard address, else on the head.
+
+    With proxies on every node, each node's port serves the whole endpoint and keeps serving
+    its own models while the head is away. A specific address is held by one node only (the
+    head's, by convention), so a proxy elsewhere could not bind it.
+    """
+    return "EveryNode" if http_host in WILDCARD_HOSTS else "HeadOnly"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from deployer.planning.serve_config import (
     DEFAULT_HTTP_HOST,
     DEFAULT_HTTP_PORT,
     EngineSpec,
+    proxy_location,
     route_prefix,
     waves,
 )
@@ -186,7 +187,7 @@ def _deploy(
             "launched. Pass --allow-partial to launch the others."
         )
     serve.start(
-        proxy_location="HeadOnly",
+        proxy_location=proxy_location(options.http_host),
         http_options={"host": options.http_host, "port": options.http_port},
     )
     quiet_builders()
