@@ -74,11 +74,17 @@ def ingress_key(specs: Sequence[EngineSpec], prefix: str, cpu_only: bool) -> str
 
 
 def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
-    """`OpenAiIngress` over handles to the engines' applications, as `build_openai_app` does."""
+    """The ingress over handles to the engines' applications, as `build_openai_app` builds it.
+
+    The class is `RackserveIngress` (`deployer.serving.ingress`): Serve LLM's `OpenAiIngress`
+    answering a prompt 503 for a model with no running engine.
+    """
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import LLMConfig
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+    from deployer.serving.ingress import RackserveIngress  # noqa: PLC0415 - imports Ray
 
     configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
     options = OpenAiIngress.get_deployment_options(configs)
@@ -96,5 +102,5 @@ def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
         for c in configs
     }
     cards = {c.model_id: to_model_metadata(c.model_id, c) for c in configs}
-    deployment: Any = serve.deployment(make_fastapi_ingress(OpenAiIngress), **options)
+    deployment: Any = serve.deployment(make_fastapi_ingress(RackserveIngress), **options)
     return deployment.bind(llm_deployments=handles, model_cards=cards)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.faults import ClientLoop, wait_answering
 from tools.local_ray import HEAD_IP, RayCluster
 from tools.quickstart import ENGINE, http_json
 
@@ -199,3 +203,71 @@ def test_deploy_grow_redeploy_refuse_status_down(
     assert removed.returncode == 0
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         http_json(f"{endpoint}/v1/models", timeout=10)
+
+
+def replica_pids(address: str) -> dict[str, int]:
+    """Each engine's replica PID, by model application, from Serve's own details."""
+    script = (
+        "import json, sys, ray\n"
+        "from ray.serve.context import _get_global_client\n"
+        "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+        "details = _get_global_client().get_serve_details()\n"
+        "print(json.dumps({name: [r['pid'] for d in app['deployments'].values()"
+        " for r in d['replicas'] if r['state'] == 'RUNNING'] for name, app in"
+        " details['applications'].items()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, address], capture_output=True, text=True, check=True
+    )
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    return {name: pids[0] for name, pids in found.items() if pids}
+
+
+def engine_process(replica_pid: int) -> tuple[int, str]:
+    """vLLM's engine core process, a child of the replica (started from any of its threads)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            command = stat.with_name("cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == replica_pid and "EngineCore" in command:
+            return int(stat.parent.name), command.strip()
+    raise AssertionError(f"no vLLM engine core process under the replica (PID {replica_pid})")
+
+
+@pytest.mark.fault
+def test_a_killed_engine_is_restarted_while_the_other_model_answers(
+    ray_cluster: RayCluster, models: dict[str, Path], endpoint: str, tmp_path: Path
+) -> None:
+    """kill -9 of one model's vLLM engine: Serve restarts it, the other model fails nothing, and
+    requests for the crashed one are refused with a 503 naming it, not left waiting."""
+    address = ray_cluster.address
+    port = int(endpoint.rsplit(":", 1)[1])
+    two = [entry("tiny-a", models["tiny-a"], "head"), entry("tiny-b", models["tiny-b"], "worker")]
+    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", str(port)]
+    deployed = rackserve("deploy", "--models", models_file(tmp_path / "two.json", two), *common)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    wait_answering(port, ["tiny-a", "tiny-b"], 300)
+    replica = replica_pids(address)["rackserve-model:tiny-b"]
+    victim, what = engine_process(replica)
+    with ClientLoop(port, ["tiny-a", "tiny-b"], pause_s=0.25) as loop:
+        for model_id in ("tiny-a", "tiny-b"):
+            loop.wait_answered(model_id, time.monotonic(), 120)
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        back = loop.wait_answered("tiny-b", killed + 1, 600) - killed
+        time.sleep(3)
+    counts = loop.counts
+    print(
+        f"\nengine crash: SIGKILL to {what} (PID {victim}) of tiny-b; tiny-b answered again "
+        f"{back:.1f} s later; answered { ({m: len(c.answered) for m, c in counts.items()}) }, "
+        f"failed { ({m: len(c.failed) for m, c in counts.items()}) }; tiny-b's failures: "
+        f"{sorted({why[:60] for _, why in counts['tiny-b'].failed})}"
+    )
+    assert counts["tiny-a"].failed == [], counts["tiny-a"].failed[:5]
+    assert len(counts["tiny-a"].answered) > 5
+    assert replica_pids(address)["rackserve-model:tiny-b"] != replica  # a new replica serves it
+    waited = [why for _, why in counts["tiny-b"].failed if not why.startswith("HTTP")]
+    assert len(waited) <= 1, waited  # at most the request in flight at the kill
+    rackserve("down", "--address", address)

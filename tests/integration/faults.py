@@ -50,16 +50,29 @@ def ask(port: int, model_id: str, host: str = HEAD_IP) -> str | None:
             return None if response.status == 200 else f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")
-        return None if exc.code == 501 and "stand-in engine" in body else f"HTTP {exc.code}"
+        if exc.code == 501 and "stand-in engine" in body:
+            return None
+        try:
+            message = str(json.loads(body)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = body[:200]
+        # Serve LLM wraps every error as "Message: <ours> (Request ID: ...), Internal exception..."
+        message = message.removeprefix("Message: ").split(" (Request ID:")[0]
+        return f"HTTP {exc.code}: {message}"
     except OSError as exc:  # refused, reset, timed out
         return type(exc).__name__
 
 
 class ClientLoop:
-    """A thread per model sending requests one after another until stopped (at most 10,000)."""
+    """A thread per model sending requests one after another until stopped (at most 10,000).
 
-    def __init__(self, port: int, model_ids: list[str]) -> None:
+    `pause_s` between requests keeps a real engine on two cores from being starved by the
+    client itself; a failed request is followed by at least 0.2 s.
+    """
+
+    def __init__(self, port: int, model_ids: list[str], pause_s: float = 0.0) -> None:
         self.counts = {m: Counts() for m in model_ids}
+        self._pause_s = pause_s
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(port, m), daemon=True) for m in model_ids
@@ -76,7 +89,7 @@ class ClientLoop:
                 counts.answered.append(sent)
             else:
                 counts.failed.append((sent, problem))
-                time.sleep(0.2)
+            self._stop.wait(self._pause_s if problem is None else max(self._pause_s, 0.2))
 
     def __enter__(self) -> ClientLoop:
         for thread in self._threads:

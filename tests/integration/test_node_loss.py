@@ -168,6 +168,12 @@ def node_loss(rack: Driver, cluster: RayCluster) -> None:
     for model_id in survivors:
         assert counts[model_id].failed == [], f"{model_id} failed requests: {report[model_id]}"
         assert len(counts[model_id].answered) > 10
+    # Once Serve sees big's engine gone, a request for it gets a prompt 503 naming it: none waits
+    # for the client's timeout.
+    late = [why for sent, why in counts["big"].failed if sent > seen_dead + 5]
+    assert late, "big was never refused while it moved"
+    assert all(why.startswith("HTTP 503: model 'big' is not serving") for why in late), late[:5]
+    assert not any(why == "TimeoutError" for _, why in counts["big"].failed), report["big"]
 
     reports = rack.submit(rehearsal.read_reports, address, list(where))
     big = reports["big"]
