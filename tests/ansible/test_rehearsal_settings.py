@@ -128,7 +128,8 @@ def test_standin_engine_and_cluster_file_reach_rackserve_deploy() -> None:
     )
     assert argv == [
         "/opt/rackserve/venv/bin/rackserve", "deploy", "--models", "/etc/rackserve/models.yaml",
-        "--address", "10.20.0.10:6379", "--engine", "standin",
+        "--address", "10.20.0.10:6379", "--state-dir", "/var/lib/rackserve/state",
+        "--engine", "standin",
         "--cluster", "/etc/rackserve/cluster.yaml", "--http-port", "8001",
     ]  # fmt: skip
     plain = evaluate("deploy_models", "deploy_models_base_argv", ADDRESS_VARS)

@@ -25,6 +25,7 @@ from tools import role_docs
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
 from ansible.parsing.dataloader import DataLoader
+from ansible.plugins.loader import add_all_plugin_dirs
 from ansible.template import Templar, trust_as_template
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +83,12 @@ def _role_vars(role: str, inventory_vars: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(role: str, template: str, variables: dict[str, Any]) -> str:
-    """Render one of the role's templates with Ansible's templating, as the template module does."""
+    """Render one of the role's templates with Ansible's templating, as the template module does.
+
+    The filter plugins of the role and its dependencies are loaded, as a play loads them.
+    """
+    for name in [*role_docs.dependencies(role), role]:
+        add_all_plugin_dirs(str(ROLES / name))
     loader = DataLoader()
     context = {"ansible_managed": "Ansible managed", **_role_vars(role, variables)}
     templar = Templar(loader=loader, variables=context).copy_with_new_env(
@@ -340,7 +346,7 @@ def test_worker_unit_waits_for_the_head_and_joins_it() -> None:
         "6380",
     ]
     environment = [systemd_words(e)[0] for e in entries["Environment"]]
-    assert "RAY_gcs_rpc_server_reconnect_timeout_s=60" in environment
+    assert "RAY_gcs_rpc_server_reconnect_timeout_s=300" in environment  # ray_common's
     assert entries["Restart"] == ["always"]
     assert entries["SuccessExitStatus"] == ["1"]
     assert entries["TimeoutStartSec"] == ["600"]
@@ -457,6 +463,156 @@ def test_unit_quoting_survives_spaces_quotes_percent_and_dollar() -> None:
     assert "P=100%" in environment
 
 
+def test_one_quoting_filter_for_every_unit() -> None:
+    """The three roles' units quote through ray_common's filter, not copies of a macro."""
+    assert not list(ROLES.rglob("systemd.j2"))
+    for role, template in [
+        ("ray_head", "ray-head.service.j2"),
+        ("ray_worker", "ray-worker.service.j2"),
+        ("deploy_models", "rackserve-controller.service.j2"),
+    ]:
+        assert "systemd_quote" in (ROLES / role / "templates" / template).read_text("utf-8")
+        assert "ray_common" in role_docs.dependencies(role), role  # which loads the filter
+
+
+def env_file_values(text: str) -> dict[str, str]:
+    r"""`NAME="value"` lines of an EnvironmentFile= file, unescaped as systemd does (env-file.c:
+    inside double quotes a backslash before one of \ " ` $ yields that character)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line or line.startswith(("#", ";")):
+            continue
+        name, _, quoted = line.partition("=")
+        assert quoted.startswith('"'), line
+        assert quoted.endswith('"'), line
+        values[name] = re.sub(r'\\([\\"`$])', r"\1", quoted[1:-1])
+    return values
+
+
+def _head_environment(settings: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    entries = unit_entries(render("ray_head", "ray-head.service.j2", HEAD_VARS | settings))
+    pairs = [systemd_words(e)[0].partition("=") for e in entries["Environment"]]
+    return entries, {name: value for name, _, value in pairs}
+
+
+def test_head_keeps_its_gcs_in_rocksdb_by_default() -> None:
+    entries, environment = _head_environment({})
+    assert environment["RAY_gcs_storage"] == "rocksdb"
+    assert environment["RAY_gcs_storage_path"] == "/var/lib/rackserve/gcs"
+    assert environment["RAY_gcs_rpc_server_reconnect_timeout_s"] == "300"
+    assert "RAY_REDIS_ADDRESS" not in environment
+    assert "EnvironmentFile" not in entries
+    moved = _head_environment({"ray_head_gcs_storage_path": "/data/ray gcs"})[1]
+    assert moved["RAY_gcs_storage_path"] == "/data/ray gcs"
+
+
+def test_head_with_redis_gets_its_address_and_no_rocksdb() -> None:
+    entries, environment = _head_environment(
+        {"ray_head_gcs_storage": "redis", "ray_head_redis_address": " rediss://10.20.0.5:6380 "}
+    )
+    assert environment["RAY_REDIS_ADDRESS"] == "rediss://10.20.0.5:6380"
+    assert not {"RAY_gcs_storage", "RAY_gcs_storage_path"} & set(environment)
+    assert "EnvironmentFile" not in entries  # no password: nothing to read
+    assert "--redis-password" not in flags(systemd_words(entries["ExecStart"][0]))
+
+
+def test_head_with_memory_adds_nothing() -> None:
+    entries, environment = _head_environment({"ray_head_gcs_storage": "memory"})
+    assert not [name for name in environment if "gcs_storage" in name or "REDIS" in name]
+    assert "EnvironmentFile" not in entries
+    assert "redis" not in entries["ExecStart"][0]
+
+
+def test_redis_password_never_reaches_the_unit_file() -> None:
+    password = 'pa ss"w\\o`rd$HOME%n'
+    settings = {
+        "ray_head_gcs_storage": "redis",
+        "ray_head_redis_address": "10.20.0.5:6380",
+        "ray_head_redis_password": password,
+    }
+    unit = render("ray_head", "ray-head.service.j2", HEAD_VARS | settings)
+    for part in (password, "pa ss", "w\\o", "rd$"):
+        assert part not in unit
+    entries = unit_entries(unit)
+    assert entries["EnvironmentFile"] == ["/etc/rackserve/rackserve-ray-head.env"]
+    # systemd expands ${NAME} inside the word into exactly one argument.
+    assert "--redis-password=${RACKSERVE_REDIS_PASSWORD}" in systemd_words(entries["ExecStart"][0])
+    secrets = render("ray_head", "ray-head.env.j2", HEAD_VARS | settings)
+    assert env_file_values(secrets) == {"RACKSERVE_REDIS_PASSWORD": password}
+    # The file is root's alone and the task that writes it logs nothing.
+    tasks = yaml.safe_load((ROLES / "ray_head" / "tasks" / "main.yml").read_text("utf-8"))
+    (writer,) = [
+        t for t in tasks if t.get("ansible.builtin.template", {}).get("src") == "ray-head.env.j2"
+    ]
+    assert writer["ansible.builtin.template"]["mode"] == "0600"
+    assert writer["no_log"] is True
+    spec = role_docs.argument_specs("ray_head")["main"]["options"]["ray_head_redis_password"]
+    assert spec["no_log"] is True
+    # Other backends leave the password out even when one is set.
+    rocksdb = render(
+        "ray_head",
+        "ray-head.service.j2",
+        HEAD_VARS | settings | {"ray_head_gcs_storage": "rocksdb"},
+    )
+    assert "redis" not in rocksdb.lower()
+
+
+def test_reconnect_timeout_is_one_setting_for_head_and_workers() -> None:
+    shared = {"ray_common_gcs_reconnect_timeout_s": 900}
+    for role, template, variables, name in [
+        ("ray_head", "ray-head.service.j2", HEAD_VARS, "ray_head_gcs_reconnect_timeout_s"),
+        ("ray_worker", "ray-worker.service.j2", WORKER_VARS, "ray_worker_gcs_reconnect_timeout_s"),
+    ]:
+        for settings, expected in [({}, "300"), (shared, "900"), (shared | {name: 45}, "45")]:
+            entries = unit_entries(render(role, template, variables | settings))
+            environment = [systemd_words(e)[0] for e in entries["Environment"]]
+            assert f"RAY_gcs_rpc_server_reconnect_timeout_s={expected}" in environment, role
+
+
+def _head_check(tmp_path: Path, hosts: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Run ray_head's settings check on local hosts: per host `ok` or the failure message."""
+    out = tmp_path / "out"
+    out.mkdir()
+    inventory = {
+        "all": {
+            "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                     "check_out_dir": str(out)},
+            "hosts": hosts,
+        }
+    }  # fmt: skip
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory), encoding="utf-8")
+    playbook = str(HERE / "playbooks" / "ray_head_check.yml")
+    result = _run(
+        [_tool("ansible-playbook"), "-i", str(tmp_path / "hosts.yml"), playbook], tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {
+        name: "ok" if (out / f"{name}.ok").is_file() else (out / f"{name}.error").read_text("utf-8")
+        for name in hosts
+    }
+
+
+def test_head_check_refuses_redis_without_an_address_and_a_shallow_rocksdb_path(
+    tmp_path: Path,
+) -> None:
+    outcome = _head_check(
+        tmp_path,
+        {
+            "rocksdb": {},
+            "redis": {"ray_head_gcs_storage": "redis", "ray_head_redis_address": "10.0.0.5:6379"},
+            "memory": {"ray_head_gcs_storage": "memory"},
+            "no-address": {"ray_head_gcs_storage": "redis", "ray_head_redis_address": " "},
+            "root-path": {"ray_head_gcs_storage_path": "/"},
+        },
+    )
+    assert {h: outcome[h] for h in ("rocksdb", "redis", "memory")} == dict.fromkeys(
+        ("rocksdb", "redis", "memory"), "ok"
+    )
+    assert outcome["no-address"].startswith("no-address: ray_head_gcs_storage is redis but")
+    assert "ray_head_redis_address is empty" in outcome["no-address"]
+    assert outcome["root-path"].startswith("root-path: ray_head_gcs_storage_path ('/') must be")
+
+
 # ------------------------------------------------------------------------------ python_env
 
 
@@ -568,16 +724,172 @@ def test_models_list_is_written_as_a_models_file() -> None:
     assert yaml.safe_load(text) == {"models": models}
 
 
+def _stat_results(state_dir_exists: bool) -> dict[str, Any]:
+    """What the role's stat loop registers: rackserve, models, Ray session, cluster, state dir."""
+    found = [{"stat": {"exists": True}}] * 4
+    return {"results": [*found, {"stat": {"exists": state_dir_exists}}]}
+
+
 def test_deploy_models_command_line() -> None:
-    argv = evaluate(
-        "deploy_models",
-        "deploy_models_base_argv + ['--plan-only']",
-        {"ansible_facts": FACTS, "rackserve_node_ip": "10.20.0.10", "ray_head_port": 6380},
-    )
-    assert argv == [
+    """The plan and the deployment share the state directory (the controller's)."""
+    variables = {
+        "ansible_facts": FACTS,
+        "rackserve_node_ip": "10.20.0.10",
+        "ray_head_port": 6380,
+        "ansible_check_mode": False,
+        "deploy_models_paths": _stat_results(True),
+    }
+    deploy = [
         "/opt/rackserve/venv/bin/rackserve", "deploy", "--models", "/etc/rackserve/models.yaml",
-        "--address", "10.20.0.10:6380", "--plan-only",
+        "--address", "10.20.0.10:6380", "--state-dir", "/var/lib/rackserve/state",
     ]  # fmt: skip
+    assert evaluate("deploy_models", "deploy_models_base_argv", variables) == deploy
+    assert evaluate("deploy_models", "deploy_models_plan_argv", variables) == [
+        *deploy,
+        "--plan-only",
+    ]
+    # In check mode the plan must not create a state directory that is not there yet (rackserve
+    # creates it to take its lock): it plans on the cluster's record alone.
+    fresh = variables | {"ansible_check_mode": True, "deploy_models_paths": _stat_results(False)}
+    assert evaluate("deploy_models", "deploy_models_plan_argv", fresh) == [
+        *deploy[:6],
+        "--plan-only",
+    ]
+    converged = fresh | {"deploy_models_paths": _stat_results(True)}
+    assert evaluate("deploy_models", "deploy_models_plan_argv", converged) == [
+        *deploy,
+        "--plan-only",
+    ]
+    moved = variables | {"deploy_models_state_dir": "/srv/rackserve state"}
+    assert evaluate("deploy_models", "deploy_models_base_argv", moved)[6:] == [
+        "--state-dir", "/srv/rackserve state",
+    ]  # fmt: skip
+
+
+CONTROLLER_VARS: dict[str, Any] = {
+    "inventory_hostname": "head-01",
+    "ansible_facts": FACTS,
+    "rackserve_node_ip": "10.20.0.10",
+}
+
+
+def test_controller_unit_runs_rackserve_controller_after_ray_without_binding_to_it() -> None:
+    unit = render(
+        "deploy_models",
+        "rackserve-controller.service.j2",
+        CONTROLLER_VARS
+        | {
+            "python_env_venv_dir": "/opt/rs venv",
+            "ray_head_port": 6380,
+            "deploy_models_controller_grace_s": 90,
+            "deploy_models_environment": {"HF_TOKEN": "hf_secret"},
+        },
+    )
+    entries = unit_entries(unit)
+    assert systemd_words(entries["ExecStart"][0]) == [
+        "/opt/rs venv/bin/rackserve", "controller", "--address", "10.20.0.10:6380",
+        "--state-dir", "/var/lib/rackserve/state", "--grace-s", "90",
+        "--join-timeout-s", "300", "--interval-s", "10",
+    ]  # fmt: skip
+    assert entries["After"][0].split() == ["network-online.target", "rackserve-ray-head.service"]
+    # It must outlive Ray's restarts (and keep retrying): nothing binds it to the head's unit.
+    assert not {"PartOf", "BindsTo", "Requires", "Requisite"} & set(entries)
+    assert entries["Restart"] == ["always"]
+    assert entries["RestartSec"] == ["5"]
+    assert entries["StartLimitIntervalSec"] == ["0"]
+    assert entries["WantedBy"] == ["multi-user.target"]
+    environment = [systemd_words(e)[0] for e in entries["Environment"]]
+    assert "PYTHONUNBUFFERED=1" in environment
+    assert environment[0].startswith("PATH=/opt/rs venv/bin:")
+    # deploy_models_environment (tokens) stays out of the world-readable unit.
+    assert "hf_secret" not in unit
+    assert entries["EnvironmentFile"] == ["/etc/rackserve/rackserve-controller.env"]
+
+
+def test_controller_follows_the_cluster_file_and_the_head_service() -> None:
+    cluster = {"nodes": [{"name": "gpu-01", "gpus": []}]}
+    settings = CONTROLLER_VARS | {"deploy_models_cluster": cluster,
+                                  "ray_head_service_name": "ray-head"}  # fmt: skip
+    entries = unit_entries(render("deploy_models", "rackserve-controller.service.j2", settings))
+    found = systemd_words(entries["ExecStart"][0])
+    assert found[found.index("--cluster") + 1] == "/etc/rackserve/cluster.yaml"
+    assert "ray-head.service" in entries["After"][0].split()
+    plain = unit_entries(
+        render("deploy_models", "rackserve-controller.service.j2", CONTROLLER_VARS)
+    )
+    assert "--cluster" not in systemd_words(plain["ExecStart"][0])
+
+
+def test_controller_environment_file_holds_deploy_models_environment() -> None:
+    environment = {"HF_TOKEN": 'hf_a$b"c`d\\e f', "HF_HUB_OFFLINE": 1}
+    text = render("deploy_models", "rackserve-controller.env.j2",
+                  CONTROLLER_VARS | {"deploy_models_environment": environment})  # fmt: skip
+    assert env_file_values(text) == {"HF_HUB_OFFLINE": "1", "HF_TOKEN": 'hf_a$b"c`d\\e f'}
+    empty = render("deploy_models", "rackserve-controller.env.j2", CONTROLLER_VARS)
+    assert env_file_values(empty) == {}
+
+
+def _tasks(role: str, name: str) -> list[dict[str, Any]]:
+    tasks: list[dict[str, Any]] = yaml.safe_load(
+        (ROLES / role / "tasks" / name).read_text(encoding="utf-8")
+    )
+    return tasks
+
+
+def _when(task: dict[str, Any]) -> str:
+    when = task.get("when", [])
+    return " and ".join(when) if isinstance(when, list) else str(when)
+
+
+def test_controller_is_installed_after_the_deploy_and_removed_when_disabled() -> None:
+    main = _tasks("deploy_models", "main.yml")
+    (block,) = [t for t in main if "block" in t]
+    names = [t["name"] for t in block["block"]]
+    assert names[0] == "Stop the controller while this run deploys"
+    assert "deploy_models_will_deploy" in _when(block["block"][0])
+    assert names.index("Stop on a failed deployment") == len(names) - 1
+    # After the deploy, even a failed one: the controller runs on the last good record.
+    assert block["always"] == [{"name": "Install, start or remove the controller",
+                                "ansible.builtin.import_tasks": "controller.yml"}]  # fmt: skip
+    assert main[-1]["name"].startswith("Record what was deployed")
+    controller = _tasks("deploy_models", "controller.yml")
+    enabled = [t for t in controller if "not deploy_models_controller_enabled" not in _when(t)]
+    disabled = [t for t in controller if "not deploy_models_controller_enabled" in _when(t)]
+    assert all("deploy_models_controller_enabled | bool" in _when(t) for t in enabled)
+    (env_file,) = [t for t in enabled if "ansible.builtin.template" in t
+                   and t["ansible.builtin.template"]["src"].endswith(".env.j2")]  # fmt: skip
+    assert env_file["ansible.builtin.template"]["mode"] == "0600"
+    assert env_file["no_log"] is True
+    (restart,) = [
+        t
+        for t in enabled
+        if t.get("ansible.builtin.systemd_service", {}).get("state") == "restarted"
+    ]
+    for change in ("deploy_models_controller_unit is changed", "deploy_models_config_changed",
+                   "python_env_changed"):  # fmt: skip
+        assert change in _when(restart)
+    assert "deploy_models_controller_service is not changed" in _when(restart)
+    removal = disabled[0]["ansible.builtin.include_role"]
+    assert removal == {"name": "ray_common", "tasks_from": "remove_service.yml"}
+    assert disabled[0]["vars"] == {
+        "ray_common_service": "{{ deploy_models_controller_service_name }}"
+    }
+    assert disabled[1]["ansible.builtin.file"] == {
+        "path": "{{ deploy_models_controller_env_path }}", "state": "absent",
+    }  # fmt: skip
+
+
+def test_reset_stops_the_controller_before_ray_and_removes_the_state() -> None:
+    plays = yaml.safe_load((REPO / "playbooks" / "reset.yml").read_text(encoding="utf-8"))
+    loop = next(t["loop"] for p in plays for t in p["tasks"] if "loop" in t)
+    assert loop[0] == "deploy_models"
+    assert loop.index("deploy_models") < loop.index("ray_worker") < loop.index("ray_head")
+    reset = _tasks("deploy_models", "reset.yml")
+    assert reset[0]["vars"] == {"ray_common_service": "{{ deploy_models_controller_service_name }}"}
+    assert "{{ deploy_models_state_dir }}" in reset[1]["loop"]
+    head_reset = _tasks("ray_head", "reset.yml")
+    assert any(t.get("ansible.builtin.file", {}).get("path") == "{{ ray_head_gcs_storage_path }}"
+               for t in head_reset)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ nvidia_driver
@@ -829,3 +1141,16 @@ def test_preflight_rejects_a_bad_inventory(
     assert message in outcome["a"]  # the host that ran the run_once check
     assert outcome["b"] != "ok"
     assert outcome["c"] != "ok"
+
+
+def test_preflight_stops_a_redis_gcs_without_an_address_before_any_change(tmp_path: Path) -> None:
+    outcome = _preflight(
+        tmp_path,
+        {"ray_head": ["head"], "ray_workers": ["worker"]},
+        {"head": {"ray_head_gcs_storage": "redis"}, "worker": {}},
+    )
+    assert (
+        "head: ray_head_gcs_storage is redis but ray_head_redis_address is empty"
+        in (outcome["head"])
+    )
+    assert outcome["worker"] == "ok"

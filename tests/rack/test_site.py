@@ -423,7 +423,13 @@ def test_logical_gpus_rehearse_a_gpu_deployment_with_the_standin(
         assert again.result.ok, again.explain()
         assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
     finally:
-        site_rack.ssh(head, f"rackserve down --address {head.ip}:{RAY_PORT}", check=False)
+        # With the state directory, or deploy_models' controller would deploy the record kept
+        # there again.
+        site_rack.ssh(
+            head,
+            f"rackserve down --address {head.ip}:{RAY_PORT} --state-dir /var/lib/rackserve/state",
+            check=False,
+        )
         back = bootstrap(site_rack, tags="ray_worker")
     assert back.result.ok, back.explain()
     alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
