@@ -167,13 +167,25 @@ ClusterFileOption = Annotated[
         dir_okay=False,
     ),
 ]
+
+
+def state_dir_or_default(given: Path | None) -> Path | None:
+    """`--state-dir`, else the head's state directory when this host has one."""
+    from deployer.serving.state import DEFAULT_STATE_DIR  # noqa: PLC0415
+
+    if given is not None:
+        return given
+    return DEFAULT_STATE_DIR if DEFAULT_STATE_DIR.is_dir() else None
+
+
 StateDirOption = Annotated[
     Path | None,
     typer.Option(
         "--state-dir",
         envvar="RACKSERVE_STATE_DIR",
-        help="Also keep what was deployed, an event log and a lock in this directory "
-        "(on the head: /var/lib/rackserve/state).",
+        help="Keep what was deployed, an event log and a lock in this directory. Default: "
+        "/var/lib/rackserve/state when it exists (the head's, made by the deploy_models role), "
+        "so that a deploy or down run there by hand is what the controller restores.",
         file_okay=False,
     ),
 ]
@@ -245,7 +257,7 @@ def deploy(
         http_port,
         engine=engine,
         cluster=load_cluster(cluster) if cluster else None,
-        state_dir=state_dir,
+        state_dir=state_dir_or_default(state_dir),
     )
     run_deploy(registry, options, plain_lines(console), lambda plan: print_plan(console, plan))
 
@@ -278,7 +290,9 @@ def _reconcile_options(
     from deployer.serving.reconcile import ReconcileOptions  # noqa: PLC0415
 
     deploy_options = DeployOptions(
-        address, cluster=load_cluster(cluster) if cluster else None, state_dir=state_dir
+        address,
+        cluster=load_cluster(cluster) if cluster else None,
+        state_dir=state_dir_or_default(state_dir),
     )
     return ReconcileOptions(deploy_options, grace_s=grace_s, join_timeout_s=join_timeout_s)
 
@@ -329,6 +343,7 @@ def status(
     from deployer.serving.launch import model_statuses  # noqa: PLC0415 - needs Ray
     from deployer.serving.state import FileStateStore  # noqa: PLC0415
 
+    state_dir = state_dir_or_default(state_dir)
     statuses = model_statuses(address, state_dir=state_dir)
     events = FileStateStore(state_dir).events() if state_dir else []
     if json_out:
@@ -351,7 +366,7 @@ def down(address: AddressOption = "auto", state_dir: StateDirOption = None) -> N
     require("ray.serve", "down")
     from deployer.serving.launch import down as run_down  # noqa: PLC0415 - needs Ray
 
-    run_down(address, plain_lines(console), state_dir=state_dir)
+    run_down(address, plain_lines(console), state_dir=state_dir_or_default(state_dir))
 
 
 @app.command()

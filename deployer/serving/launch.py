@@ -113,6 +113,7 @@ def deploy(
     say: Say,
     on_plan: Callable[[Plan], None],
     store: StateStore | None = None,
+    lock_held: bool = False,
 ) -> Plan | None:
     """Probe, estimate, plan, show the plan (`on_plan`), then launch it (unless plan_only).
 
@@ -121,14 +122,15 @@ def deploy(
     Raises ConfigError on bad input and UnplacedError when some model does not fit and
     partial deployments were not allowed; in both cases nothing is launched or changed. With
     `options.state_dir`, the deploy holds that directory's lock (StateError when another
-    deploy keeps it past `lock_wait_s`), mirrors the record there and logs the change.
+    deploy keeps it past `lock_wait_s`), mirrors the record there and logs the change;
+    `lock_held`: the caller holds it already (a reconcile pass).
     """
     import ray
 
     estimates = estimate_models(models)  # bad input fails here, before Ray is even reached
     prefix = route_prefix(models.list())
     disk = FileStateStore(options.state_dir) if options.state_dir else None
-    with disk.lock(options.lock_wait_s) if disk else contextlib.nullcontext():
+    with disk.lock(options.lock_wait_s) if disk and not lock_held else contextlib.nullcontext():
         connect(options.address)
         try:
             return _deploy(models, options, say, on_plan, store, disk, estimates, prefix)

@@ -12,6 +12,7 @@ Ray is imported inside the functions only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -67,6 +68,8 @@ def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Obse
 def act(desired: Deployed, decision: Decision, options: ReconcileOptions, say: Say) -> list[str]:
     """Deploy what `desired` records, with its settings, planning without the lost nodes.
 
+    The caller holds the state directory's lock (`reconcile_once`).
+
     Returns the models left unplaced (no room, or pinned to a lost node).
     """
     models = ModelManager([ModelConfig.model_validate(m) for m in desired.models])
@@ -86,7 +89,7 @@ def act(desired: Deployed, decision: Decision, options: ReconcileOptions, say: S
     def on_plan(plan: Any) -> None:
         unplaced.extend(f"{u.model_id} ({u.reason})" for u in plan.unplaced)
 
-    deploy(models, deploy_options, say, on_plan)
+    deploy(models, deploy_options, say, on_plan, lock_held=True)
     return unplaced
 
 
@@ -104,28 +107,43 @@ def reconcile_once(
     """
     state_dir = options.deploy.state_dir
     desired, observed = seen or observe(options.deploy.address, state_dir)
+    decision = _decide(desired, observed, gone_for_s, options)
+    if decision.action != "deploy" or desired is None:
+        return decision
+    disk = FileStateStore(state_dir) if state_dir else None
+    with disk.lock(options.deploy.lock_wait_s) if disk else contextlib.nullcontext():
+        if disk:
+            # Looked at again under the lock: a deploy that ran meanwhile wins, never undone.
+            desired, observed = observe(options.deploy.address, state_dir)
+            decision = _decide(desired, observed, gone_for_s, options)
+            if decision.action != "deploy" or desired is None:
+                return decision
+            disk.record("reconcile", reason=decision.reason, lost=list(decision.lost))
+        say(decision.reason)
+        unplaced = act(desired, decision, options, say)
+        if disk and unplaced:
+            disk.record("unplaced", models=unplaced)
+    for line in unplaced:
+        say(f"unplaced: {line}")
+    return decision
+
+
+def _decide(
+    desired: Deployed | None,
+    observed: Observed,
+    gone_for_s: Mapping[str, float] | None,
+    options: ReconcileOptions,
+) -> Decision:
     if gone_for_s is None:
         used = {p["node"] for p in (desired.placements if desired else [])}
         gone_for_s = dict.fromkeys(used, options.grace_s + options.join_timeout_s)
-    decision = decide(
+    return decide(
         desired,
         observed,
         gone_for_s,
         grace_s=options.grace_s,
         join_timeout_s=options.join_timeout_s,
     )
-    if decision.action != "deploy" or desired is None:
-        return decision
-    say(decision.reason)
-    disk = FileStateStore(state_dir) if state_dir else None
-    if disk:
-        disk.record("reconcile", reason=decision.reason, lost=list(decision.lost))
-    unplaced = act(desired, decision, options, say)
-    if disk and unplaced:
-        disk.record("unplaced", models=unplaced)
-    for line in unplaced:
-        say(f"unplaced: {line}")
-    return decision
 
 
 def run_controller(

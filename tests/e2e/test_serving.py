@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.faults import ClientLoop, wait_answering
+from tools.client_loop import ClientLoop, wait_answering
 from tools.local_ray import HEAD_IP, RayCluster
 from tools.quickstart import ENGINE, http_json
 

@@ -1,115 +1,22 @@
-"""What the fault tests share: a client loop that counts every answer per model, and a driver.
+"""What the fault tests share besides `tools.client_loop`: a driver, and `rackserve status`.
 
-The client sends chat requests to every model through the endpoint throughout a fault and
-records, per model, when each answered request was sent and why each failed one failed. The
-driver is the one spawned process that deploys (Ray Serve LLM cannot load in the pytest
+The driver is the one spawned process that deploys (Ray Serve LLM cannot load in the pytest
 process, see `tests.integration.rehearsal`).
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.integration import rehearsal
 from tools.local_ray import HEAD_IP, free_port, temp_root
-
-REQUEST_TIMEOUT_S = 10.0
-
-
-@dataclass
-class Counts:
-    """Every request's outcome for one model, with when it was sent."""
-
-    answered: list[float] = field(default_factory=list)
-    failed: list[tuple[float, str]] = field(default_factory=list)
-
-
-def ask(port: int, model_id: str, host: str = HEAD_IP) -> str | None:
-    """One chat request; None when the model's engine answered, else what went wrong."""
-    request = urllib.request.Request(
-        f"http://{host}:{port}/v1/chat/completions",
-        data=json.dumps(
-            {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-        ).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-            return None if response.status == 200 else f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode(errors="replace")
-        if exc.code == 501 and "stand-in engine" in body:
-            return None
-        try:
-            message = str(json.loads(body)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            message = body[:200]
-        # Serve LLM wraps every error as "Message: <ours> (Request ID: ...), Internal exception..."
-        message = message.removeprefix("Message: ").split(" (Request ID:")[0]
-        return f"HTTP {exc.code}: {message}"
-    except OSError as exc:  # refused, reset, timed out
-        return type(exc).__name__
-
-
-class ClientLoop:
-    """A thread per model sending requests one after another until stopped (at most 10,000).
-
-    `pause_s` between requests keeps a real engine on two cores from being starved by the
-    client itself; a failed request is followed by at least 0.2 s.
-    """
-
-    def __init__(self, port: int, model_ids: list[str], pause_s: float = 0.0) -> None:
-        self.counts = {m: Counts() for m in model_ids}
-        self._pause_s = pause_s
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(port, m), daemon=True) for m in model_ids
-        ]
-
-    def _run(self, port: int, model_id: str) -> None:
-        counts = self.counts[model_id]
-        for _ in range(10_000):
-            if self._stop.is_set():
-                return
-            sent = time.monotonic()
-            problem = ask(port, model_id)
-            if problem is None:
-                counts.answered.append(sent)
-            else:
-                counts.failed.append((sent, problem))
-            self._stop.wait(self._pause_s if problem is None else max(self._pause_s, 0.2))
-
-    def __enter__(self) -> ClientLoop:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(REQUEST_TIMEOUT_S + 5)
-
-    def wait_answered(self, model_id: str, after: float, timeout_s: float) -> float:
-        """When `model_id` first answered a request sent after `after`."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            later = [t for t in self.counts[model_id].answered if t > after]
-            if later:
-                return later[0]
-            time.sleep(0.5)
-        raise AssertionError(f"{model_id} did not answer within {timeout_s:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -148,12 +55,3 @@ def status(address: str, state_dir: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )  # fmt: skip
-
-
-def wait_answering(port: int, model_ids: list[str], timeout_s: float) -> None:
-    """Until every model's engine answers one request through the endpoint."""
-    deadline = time.monotonic() + timeout_s
-    for model_id in model_ids:
-        while (problem := ask(port, model_id)) is not None:
-            assert time.monotonic() < deadline, f"{model_id} never answered: {problem}"
-            time.sleep(1)

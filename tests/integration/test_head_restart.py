@@ -24,7 +24,8 @@ import pytest
 
 from deployer.serving.state import FileStateStore
 from tests.integration import rehearsal
-from tests.integration.faults import ClientLoop, Driver, start_driver, status, wait_answering
+from tests.integration.faults import Driver, start_driver, status
+from tools.client_loop import ClientLoop, wait_answering
 from tools.local_ray import restart_head, start_ray_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
