@@ -27,6 +27,16 @@ class Counts:
 
     answered: list[float] = field(default_factory=list)
     failed: list[tuple[float, str]] = field(default_factory=list)
+    slowest: tuple[float, float] = (0.0, 0.0)
+    """The answered request that took longest: (seconds it took, when it was sent)."""
+
+    def failures_by_reason(self, since: float) -> dict[str, tuple[int, float, float]]:
+        """Per distinct failure: (count, first sent, last sent), in seconds after `since`."""
+        grouped: dict[str, tuple[int, float, float]] = {}
+        for sent, why in self.failed:
+            count, first, _ = grouped.get(why, (0, sent - since, 0.0))
+            grouped[why] = (count + 1, first, sent - since)
+        return grouped
 
 
 def ask(port: int, model_id: str, host: str = HEAD_IP) -> str | None:
@@ -63,9 +73,12 @@ class ClientLoop:
     client itself; a failed request is followed by at least 0.2 s.
     """
 
-    def __init__(self, port: int, model_ids: list[str], pause_s: float = 0.0) -> None:
+    def __init__(
+        self, port: int, model_ids: list[str], pause_s: float = 0.0, host: str = HEAD_IP
+    ) -> None:
         self.counts = {m: Counts() for m in model_ids}
         self._pause_s = pause_s
+        self._host = host
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(port, m), daemon=True) for m in model_ids
@@ -77,9 +90,10 @@ class ClientLoop:
             if self._stop.is_set():
                 return
             sent = time.monotonic()
-            problem = ask(port, model_id)
+            problem = ask(port, model_id, self._host)
             if problem is None:
                 counts.answered.append(sent)
+                counts.slowest = max(counts.slowest, (time.monotonic() - sent, sent))
             else:
                 counts.failed.append((sent, problem))
             self._stop.wait(self._pause_s if problem is None else max(self._pause_s, 0.2))
@@ -105,11 +119,12 @@ class ClientLoop:
         raise TimeoutError(f"{model_id} did not answer within {timeout_s:.0f} s")
 
 
-def wait_answering(port: int, model_ids: list[str], timeout_s: float) -> None:
-    """Until every model's engine answers one request through the endpoint."""
+def wait_answering(port: int, model_ids: list[str], timeout_s: float, host: str = HEAD_IP) -> float:
+    """Until every model's engine answers one request through the endpoint; return when."""
     deadline = time.monotonic() + timeout_s
     for model_id in model_ids:
-        while (problem := ask(port, model_id)) is not None:
+        while (problem := ask(port, model_id, host)) is not None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{model_id} never answered: {problem}")
             time.sleep(1)
+    return time.monotonic()

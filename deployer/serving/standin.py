@@ -21,7 +21,9 @@ ingress itself (`/v1/models`) works as with vLLM. Ray is imported inside the fun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -104,6 +106,12 @@ class StandInEngine:
 
     def __init__(self, llm_config: Mapping[str, Any]) -> None:
         import ray
+
+        # The requests the ingress sends are vLLM's protocol classes: importing them took about
+        # 10 s here. LLMServer has them imported before its replica runs; so does the stand-in,
+        # or the first request after every (re)start would wait that long.
+        with contextlib.suppress(ImportError):  # no vLLM: no request can reach us either
+            importlib.import_module("ray.llm._internal.serve.core.configs.openai_api_models")
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._llm_config = llm_config

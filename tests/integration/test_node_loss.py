@@ -158,23 +158,24 @@ def node_loss(rack: Driver, cluster: RayCluster) -> None:
 
     counts = loop.counts
     report = {
-        m: (len(c.answered), [f"{t - killed:+.1f}s {why}" for t, why in c.failed][:5])
+        m: (len(c.answered), f"slowest {c.slowest[0]:.2f} s", c.failures_by_reason(since=killed))
         for m, c in counts.items()
     }
     print(
         f"\nnode loss: {victim} killed; Ray showed it dead after {seen_dead - killed:.1f} s; "
-        f"big answered again {back - killed:.1f} s after the kill; requests answered and the "
-        f"first failures per model: {report}"
+        f"big answered again {back - killed:.1f} s after the kill; per model: requests answered, "
+        f"the slowest answer, each failure (count, first and last sent, s after the kill): "
+        f"{report}"
     )
     for model_id in survivors:
         assert counts[model_id].failed == [], f"{model_id} failed requests: {report[model_id]}"
         assert len(counts[model_id].answered) > 10
-    # Once Serve sees big's engine gone, a request for it gets a prompt 503 naming it: none waits
-    # for the client's timeout.
-    late = [why for sent, why in counts["big"].failed if sent > seen_dead + 5]
-    assert late, "big was never refused while it moved"
-    assert all(why.startswith("HTTP 503: model 'big' is not serving") for why in late), late[:5]
-    assert not any(why == "TimeoutError" for _, why in counts["big"].failed), report["big"]
+    # A request in flight to big's engine when its node died waits until Ray and Serve see the
+    # loss; none sent after Ray showed the node dead waits out the client's timeout, and while
+    # big moves, a request for it gets a prompt 503 naming it.
+    after = [why for sent, why in counts["big"].failed if sent > seen_dead]
+    assert after, "big was never refused while it moved"
+    assert all(why.startswith("HTTP 503: model 'big' is not serving") for why in after), report
 
     reports = rack.submit(rehearsal.read_reports, address, list(where))
     big = reports["big"]
