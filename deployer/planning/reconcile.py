@@ -7,7 +7,11 @@ The controller observes the cluster (alive nodes, Serve's applications) and asks
 - a node that held engines is gone for `grace_s` or more: re-plan without it; its models go
   where there is room, and healthy engines elsewhere stay as they are;
 - an engine application or the ingress is missing (removed by hand): deploy to restore it;
-- otherwise nothing. A node that comes back gets no engine moved back to it.
+- a model the last plan left unplaced, and a node has joined since: deploy to place it;
+- otherwise nothing. A node that comes back gets no running engine moved back to it.
+
+A node not seen alive since the controller started (the head rebooted, the workers boot more
+slowly) counts as lost only after `join_timeout_s`, not `grace_s`.
 """
 
 from __future__ import annotations
@@ -48,13 +52,26 @@ def decide(
     *,
     grace_s: float = 60.0,
     join_timeout_s: float = 300.0,
+    never_seen: frozenset[str] = frozenset(),
+    joined: frozenset[str] = frozenset(),
 ) -> Decision:
-    """The action for one pass. `gone_for_s[node]`: seconds since the node was last seen alive."""
-    if desired is None or not desired.placements:
+    """The action for one pass.
+
+    `gone_for_s[node]`: seconds since the node was last seen alive; `never_seen`: nodes not
+    seen alive since the controller started; `joined`: nodes alive now and not at the last pass.
+    """
+    if desired is None or not desired.models:
         return Decision("none", "nothing is deployed")
+    unplaced = desired.unplaced()
+    if not desired.placements:
+        return _place_again(unplaced, joined) or Decision("none", "no model has a place")
     used = sorted({p["node"] for p in desired.placements})
     missing = [n for n in used if n not in observed.alive]
-    overdue = [n for n in missing if gone_for_s.get(n, math.inf) >= grace_s]
+    overdue = [
+        n
+        for n in missing
+        if gone_for_s.get(n, math.inf) >= (join_timeout_s if n in never_seen else grace_s)
+    ]
     if not observed.ingress and not observed.engines:
         waited = min((gone_for_s.get(n, math.inf) for n in missing), default=math.inf)
         if missing and waited < join_timeout_s:
@@ -76,4 +93,13 @@ def decide(
     if absent or not observed.ingress:
         what = ", ".join(absent) if absent else "the ingress"
         return Decision("deploy", f"{what} not running: deploying again")
-    return Decision("none", "everything deployed is running")
+    return _place_again(unplaced, joined) or Decision("none", "everything deployed is running")
+
+
+def _place_again(unplaced: list[str], joined: frozenset[str]) -> Decision | None:
+    if not unplaced or not joined:
+        return None
+    return Decision(
+        "deploy",
+        f"{', '.join(sorted(joined))} joined: placing {', '.join(unplaced)}, left unplaced last",
+    )

@@ -60,6 +60,11 @@ class Deployed:
         """True when deploying `models` with `engine` would change nothing."""
         return self.models == models and self.engine == engine
 
+    def unplaced(self) -> list[str]:
+        """The models asked for that the last plan left without a place (no room, node lost)."""
+        placed = {p["model_id"] for p in self.placements}
+        return [m["model_id"] for m in self.models if m["model_id"] not in placed]
+
 
 @dataclasses.dataclass(frozen=True)
 class Redeploy:

@@ -156,7 +156,11 @@ def _deploy(
     applications = serve.status().applications
     running = APP_NAME in applications
     document = models_document(models)
-    unchanged = deployed is not None and deployed.same_as(document, options.engine)
+    unchanged = (
+        deployed is not None
+        and deployed.same_as(document, options.engine)
+        and not deployed.unplaced()  # a plan now may find them room
+    )
     if unchanged and running and not options.lost:
         say("nothing to change: these models are deployed as planned")
         return None

@@ -93,21 +93,30 @@ def act(desired: Deployed, decision: Decision, options: ReconcileOptions, say: S
     return unplaced
 
 
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """What the controller remembers between passes (see `decide`)."""
+
+    gone_for_s: Mapping[str, float]
+    never_seen: frozenset[str] = frozenset()
+    joined: frozenset[str] = frozenset()
+
+
 def reconcile_once(
     options: ReconcileOptions,
     say: Say,
-    gone_for_s: Mapping[str, float] | None = None,
+    memory: Memory | None = None,
     seen: tuple[Deployed | None, Observed] | None = None,
 ) -> Decision:
     """One pass: observe (unless `seen`), decide, act.
 
-    `gone_for_s` is the controller's memory of lost nodes; without it (`rackserve reconcile`),
-    a node Ray does not show alive counts as gone past the grace period: a pass run by hand
-    acts at once.
+    `memory` is the controller's; without it (`rackserve reconcile`), a node Ray does not show
+    alive counts as gone past the grace period and every alive node as just joined: a pass run
+    by hand acts at once.
     """
     state_dir = options.deploy.state_dir
     desired, observed = seen or observe(options.deploy.address, state_dir)
-    decision = _decide(desired, observed, gone_for_s, options)
+    decision = _decide(desired, observed, memory, options)
     if decision.action != "deploy" or desired is None:
         return decision
     disk = FileStateStore(state_dir) if state_dir else None
@@ -115,7 +124,7 @@ def reconcile_once(
         if disk:
             # Looked at again under the lock: a deploy that ran meanwhile wins, never undone.
             desired, observed = observe(options.deploy.address, state_dir)
-            decision = _decide(desired, observed, gone_for_s, options)
+            decision = _decide(desired, observed, memory, options)
             if decision.action != "deploy" or desired is None:
                 return decision
             disk.record("reconcile", reason=decision.reason, lost=list(decision.lost))
@@ -131,18 +140,21 @@ def reconcile_once(
 def _decide(
     desired: Deployed | None,
     observed: Observed,
-    gone_for_s: Mapping[str, float] | None,
+    memory: Memory | None,
     options: ReconcileOptions,
 ) -> Decision:
-    if gone_for_s is None:
+    if memory is None:
         used = {p["node"] for p in (desired.placements if desired else [])}
-        gone_for_s = dict.fromkeys(used, options.grace_s + options.join_timeout_s)
+        gone = dict.fromkeys(used, options.grace_s + options.join_timeout_s)
+        memory = Memory(gone, joined=observed.alive)
     return decide(
         desired,
         observed,
-        gone_for_s,
+        memory.gone_for_s,
         grace_s=options.grace_s,
         join_timeout_s=options.join_timeout_s,
+        never_seen=memory.never_seen,
+        joined=memory.joined,
     )
 
 
@@ -155,6 +167,7 @@ def run_controller(
 ) -> None:
     """Passes every `interval_s` (forever, or `passes` times); never raises on a failed pass."""
     last_seen: dict[str, float] = {}
+    alive_before: frozenset[str] = frozenset()
     started = clock()
     said = ""
     pause = interval_s
@@ -168,7 +181,13 @@ def run_controller(
                 last_seen[node] = now
             used = {p["node"] for p in (desired.placements if desired else [])}
             gone = {n: now - last_seen.get(n, started) for n in used if n not in observed.alive}
-            decision = reconcile_once(options, say, gone, (desired, observed))
+            memory = Memory(
+                gone,
+                never_seen=frozenset(n for n in used if n not in last_seen),
+                joined=observed.alive - alive_before,
+            )
+            alive_before = observed.alive
+            decision = reconcile_once(options, say, memory, (desired, observed))
             line = f"{decision.action}: {decision.reason}"
             pause = interval_s
         except RackserveError as exc:

@@ -67,6 +67,35 @@ def test_an_engine_removed_by_hand_is_deployed_again() -> None:
     assert decision.lost == ()
 
 
+def test_nodes_not_seen_since_the_controller_started_get_the_join_timeout() -> None:
+    """After a head reboot the workers may boot later than the head: not lost at grace_s."""
+    desired = deployed()
+    booting = decide(desired, seen({"a"}), {"b": 90.0}, grace_s=60, never_seen=frozenset("b"))
+    assert booting.action == "wait"
+    late = decide(desired, seen({"a"}), {"b": 301.0}, join_timeout_s=300, never_seen=frozenset("b"))
+    assert (late.action, late.lost) == ("deploy", ("b",))
+
+
+def test_a_model_left_unplaced_is_placed_again_when_a_node_joins() -> None:
+    full = deployed()
+    without_z = Deployed(
+        models=full.models,
+        placements=[p for p in full.placements if p["model_id"] != "z"],
+        engines={m: e for m, e in full.engines.items() if m != "z"},
+    )
+    assert without_z.unplaced() == ["z"]
+    running = seen({"a", "b"}, engines={"x", "y"})
+    assert decide(without_z, running, {}).action == "none"  # nobody joined: no new room
+    back = decide(without_z, running, {}, joined=frozenset("b"))
+    assert (back.action, back.lost) == ("deploy", ())
+    assert "z" in back.reason
+    nothing_placed = Deployed(models=full.models, placements=[], engines={})
+    assert decide(nothing_placed, seen({"a"}, False, set()), {}).action == "none"
+    assert decide(nothing_placed, seen({"a"}, False, set()), {}, joined=frozenset("a")).action == (
+        "deploy"
+    )
+
+
 def test_re_planning_without_a_lost_node_moves_only_its_models() -> None:
     desired = deployed()
     where = nodes_of(desired)
