@@ -17,6 +17,7 @@ import yaml
 from tests.rack.conftest import skip_or_fail
 from tools.rackbox import WHEELHOUSE_MOUNT, Rack, RackSpec, RackUnavailable, rack_status
 from tools.rackbox.cgroup import host_cgroups
+from tools.rackbox.errors import RackError
 from tools.rackbox.image import Recipe, prune_bases
 from tools.rackbox.inventory import inventory_data
 from tools.rackbox.nspawn import host_files
@@ -141,6 +142,29 @@ def test_each_host_has_its_own_cgroup_so_units_stop_cleanly(rack: Rack) -> None:
             "systemctl stop rackbox-probe && ! systemctl is-failed --quiet rackbox-probe"
         )
         rack.ssh(host, script, timeout=30)
+
+
+def test_a_power_cut_kills_everything_at_once_and_the_disk_boots_again(rack: Rack) -> None:
+    """`power_cut` leaves no process of the host and no SSH; `power_on` boots the same disk:
+    a file synced before the cut is there, read by a new systemd (PID 1 started later)."""
+    worker = rack.hosts[-1]
+    started = "cut -d' ' -f22 /proc/1/stat"  # clock ticks since the machine booted
+    before = rack.ssh(worker, f"echo kept > /root/cut-probe && sync && {started}").stdout
+    rack.power_cut(worker)
+    assert all(not path.exists() for path in host_cgroups(worker.name))
+    assert rack.ssh(worker, "true", check=False, timeout=15).returncode == 255
+    with pytest.raises(RackError, match="not running"):
+        rack.power_cut(worker)
+    rack.power_on(worker)
+    after = rack.ssh(worker, f"cat /root/cut-probe && rm /root/cut-probe && {started}").stdout
+    assert after.split()[0] == "kept"
+    assert int(after.split()[1]) > int(before)
+    assert rack.ssh(worker, "systemctl is-system-running --wait || true").stdout.strip() in (
+        "running",
+        "degraded",
+    )
+    with pytest.raises(RackError, match="already running"):
+        rack.power_on(worker)
 
 
 def test_ssh_logs_in_as_root_with_the_key_only(rack: Rack) -> None:

@@ -187,13 +187,34 @@ def stop_all(states: Sequence[HostState], timeout_s: float) -> None:
     wait_stopped(states, 5.0)
 
 
+def power_cut(state: HostState, timeout_s: float = 10.0) -> bool:
+    """Kill every process of the host at once (SIGKILL through its cgroups), as a power cut does.
+
+    Its disk (the overlay) stays as it was, for `start` to boot again. The dead systemd's
+    cgroups and nspawn's propagate directory go, as they would with the machine's power.
+    Return whether the host stopped within `timeout_s`.
+    """
+    for path in state.cgroups:
+        cgroup.kill(Path(path))
+    if wait_stopped([state], timeout_s):
+        return False
+    for path in state.cgroups:
+        cgroup.remove(Path(path))
+    _forget_propagate(state)
+    return True
+
+
+def _forget_propagate(state: HostState) -> None:
+    propagate = PROPAGATE_DIR / state.name
+    unmount_all(propagate)
+    shutil.rmtree(propagate, ignore_errors=True)
+
+
 def clean(state: HostState) -> None:
     """Remove what the host left on the outer machine: mounts, cgroups, nspawn's propagate dir."""
     unmount_all(state.root)
     for path in state.cgroups or [str(p) for p in cgroup.host_cgroups(state.name)]:
         cgroup.remove(Path(path))
-    propagate = PROPAGATE_DIR / state.name
-    unmount_all(propagate)
-    shutil.rmtree(propagate, ignore_errors=True)
+    _forget_propagate(state)
     if not mounts_under(Path(state.directory)):
         shutil.rmtree(state.directory, ignore_errors=True)

@@ -190,6 +190,38 @@ class Rack:
         self._processes.clear()
         self.timings["teardown_s"] = time.monotonic() - started
 
+    def power_cut(self, which: str | HostSpec) -> None:
+        """Cut a host's power: all its processes killed at once; its disk stays for `power_on`."""
+        name = self.host(which).name
+        with rack_lock(self.spec.cache_dir, self.spec.prefix):
+            state, host = self._host_state(name)
+            if not nspawn.is_running(host):
+                raise RackError(f"{name} is not running")
+            if not nspawn.power_cut(host):
+                raise RackError(f"{name} still runs after SIGKILL of all its processes")
+            host.pid = host.start_time = None
+            state.save(self.spec.rack_dir)
+
+    def power_on(self, which: str | HostSpec) -> None:
+        """Boot a host whose power was cut, from its disk as it was, and wait for its SSH."""
+        name = self.host(which).name
+        with rack_lock(self.spec.cache_dir, self.spec.prefix):
+            state, host = self._host_state(name)
+            if nspawn.is_running(host):
+                raise RackError(f"{name} is already running")
+            wheelhouse = Path(state.wheelhouse)
+            self._processes.append(nspawn.start(host, state.bridge, wheelhouse, self.binds))
+            state.save(self.spec.rack_dir)
+        running = functools.partial(nspawn.is_running, host)
+        deadline = time.monotonic() + self.boot_timeout_s
+        wait_for_ssh(Path(state.private_key), host.ip, deadline, running)
+
+    def _host_state(self, name: str) -> tuple[RackState, HostState]:
+        state = RackState.load(self.spec.rack_dir)
+        if state is None:
+            raise RackError(f"rack {self.spec.prefix!r} is not up")
+        return state, next(h for h in state.hosts if h.name == name)
+
     def status(self) -> RackStatus:
         """What runs of this rack now, from its state file and the machine."""
         return rack_status(self.spec.cache_dir, self.spec.prefix)
