@@ -137,6 +137,51 @@ def keep_on_their_nodes(
     return kept
 
 
+def plan_keeping_running(
+    cluster: Cluster,
+    models: ModelManager,
+    estimates: Sequence[MemoryEstimate],
+    reserve_gib: float,
+    kept_gpus: Mapping[str, tuple[int, ...]],
+) -> Plan:
+    """`plan_models`, except that no engine kept where it runs is left out to make room.
+
+    The planner places as many models as it can, whichever they are: after a node loss with
+    too little room, it could stop a healthy engine on a surviving node to place a model of the
+    lost one. When that happens, the other models are admitted one at a time, in their order,
+    each only if it leaves out no more kept engines than planning those alone; the rest are
+    unplaced, saying why.
+    """
+    plan = plan_models(cluster, models, estimates, reserve_gib, kept_gpus=kept_gpus)
+    if not any(u.model_id in kept_gpus for u in plan.unplaced):
+        return plan
+    pairs = list(zip(models, estimates, strict=True))
+
+    def plan_of(chosen: list[int]) -> Plan:
+        subset = ModelManager([pairs[i][0] for i in chosen])
+        return plan_models(
+            cluster, subset, [pairs[i][1] for i in chosen], reserve_gib, kept_gpus=kept_gpus
+        )
+
+    def kept_left_out(candidate: Plan) -> int:
+        return sum(u.model_id in kept_gpus for u in candidate.unplaced)
+
+    admitted = [i for i, (m, _) in enumerate(pairs) if m.model_id in kept_gpus]
+    plan = plan_of(admitted)
+    floor = kept_left_out(plan)
+    for i, (model, _) in enumerate(pairs):
+        if model.model_id in kept_gpus:
+            continue
+        trial = plan_of(sorted([*admitted, i]))
+        if kept_left_out(trial) <= floor:
+            admitted, plan = sorted([*admitted, i]), trial
+    left_out = [m.model_id for i, (m, _) in enumerate(pairs) if i not in admitted]
+    reason = "no room left without stopping an engine that runs on a node still up"
+    return dataclasses.replace(
+        plan, unplaced=(*plan.unplaced, *(Unplaced(m, reason) for m in left_out))
+    )
+
+
 def replan(
     cluster: Cluster,
     models: ModelManager,
@@ -183,7 +228,7 @@ def replan(
     }
     on_gpus = set(in_place)  # running on GPUs: kept only where they run
     while True:
-        plan = plan_models(freed, pinned, estimates, reserve_gib, kept_gpus=in_place)
+        plan = plan_keeping_running(freed, pinned, estimates, reserve_gib, in_place)
         specs = engine_specs(plan, models, cluster)
         changed = {
             s.model_id

@@ -65,10 +65,18 @@ def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Obse
         ray.shutdown()
 
 
-def act(desired: Deployed, decision: Decision, options: ReconcileOptions, say: Say) -> list[str]:
+def act(
+    desired: Deployed,
+    decision: Decision,
+    options: ReconcileOptions,
+    say: Say,
+    alive: frozenset[str] | None = None,
+) -> list[str]:
     """Deploy what `desired` records, with its settings, planning without the lost nodes.
 
-    The caller holds the state directory's lock (`reconcile_once`).
+    With a cluster file, its nodes not in `alive` (Ray's alive nodes) are planned without too:
+    a node that holds nothing may be down while another model is placed. The caller holds the
+    state directory's lock (`reconcile_once`).
 
     Returns the models left unplaced (no room, or pinned to a lost node).
     """
@@ -78,7 +86,7 @@ def act(desired: Deployed, decision: Decision, options: ReconcileOptions, say: S
         options.deploy,
         allow_partial=True,
         plan_only=False,
-        lost=decision.lost,
+        lost=(*decision.lost, *_down_in_file(options.deploy, decision.lost, alive)),
         engine="standin" if desired.engine == "standin" else "vllm",
         http_host=str(settings.get("http_host", options.deploy.http_host)),
         http_port=int(settings.get("http_port", options.deploy.http_port)),
@@ -100,6 +108,14 @@ class Memory:
     gone_for_s: Mapping[str, float]
     never_seen: frozenset[str] = frozenset()
     joined: frozenset[str] = frozenset()
+
+
+def _down_in_file(
+    options: DeployOptions, lost: tuple[str, ...], alive: frozenset[str] | None
+) -> list[str]:
+    if options.cluster is None or alive is None:
+        return []
+    return [n.name for n in options.cluster.nodes if n.name not in alive and n.name not in lost]
 
 
 def reconcile_once(
@@ -129,7 +145,7 @@ def reconcile_once(
                 return decision
             disk.record("reconcile", reason=decision.reason, lost=list(decision.lost))
         say(decision.reason)
-        unplaced = act(desired, decision, options, say)
+        unplaced = act(desired, decision, options, say, observed.alive)
         if disk and unplaced:
             disk.record("unplaced", models=unplaced)
     for line in unplaced:

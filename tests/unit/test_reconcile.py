@@ -113,3 +113,35 @@ def test_re_planning_without_a_lost_node_moves_only_its_models() -> None:
     # z is pinned to b by its config: unplaced, not moved; unpinned models of b moved to a.
     assert [u.model_id for u in change.plan.unplaced] == ["z"]
     assert all(placed[m][0] == "a" for m in on_b if m != "z")
+
+
+def test_a_node_loss_never_stops_an_engine_on_a_node_still_up_to_make_room() -> None:
+    """Three 50 GiB models on 2 + 1 GPUs of two nodes; the node with two is lost, and only one
+    GPU is left: one of its models moves there and the other is unplaced, while the engine
+    already on the surviving node keeps running where it is."""
+    two_nodes = CLUSTER.model_copy(
+        update={"nodes": [n.model_copy(update={"gpus": n.gpus[:2]}) for n in CLUSTER.nodes]}
+    )
+    wanted = models(*(f"{{model_id: m{i}, gpu_memory_gib: 50}}" for i in range(3)))
+    first = deploy(wanted, None, two_nodes)
+    where = nodes_of(record(wanted, first))
+    lost = max(("a", "b"), key=list(where.values()).count)
+    survivor = two_nodes.model_copy(
+        update={"nodes": [n for n in two_nodes.nodes if n.name != lost]}
+    )
+    (staying,) = (m for m, n in where.items() if n != lost)
+    change = replan(
+        survivor,
+        wanted,
+        estimate_models(wanted),
+        record(wanted, first),
+        ["m0", "m1", "m2"],
+        0.0,
+        lost=[lost],
+    )
+    assert staying in change.keep
+    assert gpus(change)[staying] == gpus(first)[staying]
+    assert staying not in change.stop
+    assert len(change.plan.placements) == 2
+    (unplaced,) = change.plan.unplaced
+    assert "stopping an engine" in unplaced.reason
