@@ -2,12 +2,14 @@
 `rackserve bootstrap` (`deployer.bootstrap.runner.run_playbook`).
 
 The hosts are offline: the python_env role installs from the wheelhouse (tools/rackbox/
-wheelhouse.py, built once and cached), bind-mounted at /srv/wheelhouse. Models are not deployed
-here (`deploy_models_enabled: false`; `nox -s demo` serves them). In order, on one rack: the
-first converge, Ray's node table (3 alive nodes, the inventory's IPs and labels), the GPU-less
-hosts' one-line driver skip, a second run with changed=0, `--check` changing nothing, reset
-twice (the second changed=0) and a converge again. About 10 minutes on 2 cores; most of it is
-the two installs of the venv (about 4 GB per host).
+wheelhouse.py, built once and cached), bind-mounted at /srv/wheelhouse. Models are deployed only
+with the stand-in engine on logical GPUs (`nox -s demo` serves real ones). In order, on one
+rack: the first converge, Ray's node table (3 alive nodes, the inventory's IPs and labels), the
+GPU-less hosts' one-line driver skip, the firewall, a second run with changed=0, `--check`
+changing nothing, a stand-in deployment, power cuts of a worker, the head and the whole rack
+healed by the controller with no Ansible run, reset twice (the second changed=0) and a converge
+again. About 20 minutes on 2 cores; most of it is the two installs of the venv (about 4 GB per
+host) and the power cuts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import os
 import shlex
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +30,7 @@ import yaml
 
 from tests.rack.conftest import booted, skip_or_fail
 from tools import demo_standin
+from tools.client_loop import ClientLoop, wait_answering
 from tools.rackbox import Rack, RackError, RackUnavailable, check_machine
 from tools.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
 from tools.rackbox.nspawn import nspawn_argv
@@ -44,6 +48,7 @@ PREFIX = os.environ.get("RACKSERVE_SITE_RACK_PREFIX", "rbs")
 NETWORK = os.environ.get("RACKSERVE_SITE_RACK_NETWORK", "10.231.13.0/24")
 SITE_VARS: dict[str, Any] = {**RAY_VARS, "deploy_models_enabled": False}
 UNITS = {"head": "rackserve-ray-head", "worker": "rackserve-ray-worker"}
+SERVE_PORT = 8000
 SKIP_LINE = "nvidia_driver skipped on {host}: no NVIDIA PCI device"
 
 
@@ -380,6 +385,21 @@ def test_a_run_on_converged_hosts_changes_nothing(
 H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559, "memory_free_mib": 81008}
 
 
+def _rehearsal_vars(workers: Any, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """deploy_models with the stand-in engine on 2 logical H100s per worker, declared in a
+    cluster file (NVML sees none)."""
+    gpus = [{"index": index, **H100} for index in range(2)]
+    return {
+        "ray_worker_logical_gpus": 2,
+        "ray_worker_num_cpus": 4,  # each engine replica holds a Ray CPU; the hosts have 2 cores
+        "deploy_models_enabled": True,
+        "deploy_models_file": "",
+        "deploy_models_models": models,
+        "deploy_models_engine": "standin",
+        "deploy_models_cluster": {"nodes": [{"name": w.name, "gpus": gpus} for w in workers]},
+    }
+
+
 @pytest.mark.integration
 def test_logical_gpus_rehearse_a_gpu_deployment_with_the_standin(
     site_rack: Rack, converged: Run
@@ -390,19 +410,13 @@ def test_logical_gpus_rehearse_a_gpu_deployment_with_the_standin(
     workers start without logical GPUs again."""
     assert converged.result.ok, converged.explain()
     head, workers = site_rack.hosts[0], site_rack.hosts[1:]
-    gpus = [{"index": index, **H100} for index in range(2)]
-    rehearsal = {
-        "ray_worker_logical_gpus": 2,
-        "ray_worker_num_cpus": 4,  # each engine replica holds a Ray CPU; the hosts have 2 cores
-        "deploy_models_enabled": True,
-        "deploy_models_file": "",
-        "deploy_models_models": [
+    rehearsal = _rehearsal_vars(
+        workers,
+        [
             {"model_id": "pair", "tensor_parallel_size": 2, "gpu_memory_gib": 50},
             {"model_id": "small", "gpu_memory_gib": 10},
         ],
-        "deploy_models_engine": "standin",
-        "deploy_models_cluster": {"nodes": [{"name": w.name, "gpus": gpus} for w in workers]},
-    }
+    )
     steps = "ray_worker,deploy_models"
     try:
         run = bootstrap(site_rack, tags=steps, extravars=rehearsal)
@@ -434,6 +448,118 @@ def test_logical_gpus_rehearse_a_gpu_deployment_with_the_standin(
     assert back.result.ok, back.explain()
     alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
     assert all("GPU" not in alive[w.name]["resources"] for w in workers), alive
+
+
+def _deployed_on(rack: Rack) -> dict[str, str]:
+    """Per model, the node the head's state directory says it was last placed on."""
+    shown = rack.ssh(rack.hosts[0], "cat /var/lib/rackserve/state/deployed.json").stdout
+    return {p["model_id"]: p["node"] for p in json.loads(shown)["placements"]}
+
+
+def _placed_without(rack: Rack, node: str) -> dict[str, str] | None:
+    """The state directory's placements once none is on `node`, else None."""
+    placed = _deployed_on(rack)
+    return None if node in placed.values() else placed
+
+
+def _events(rack: Rack) -> list[dict[str, Any]]:
+    shown = rack.ssh(rack.hosts[0], "cat /var/lib/rackserve/state/events.jsonl").stdout
+    return [json.loads(line) for line in shown.splitlines() if line.strip()]
+
+
+def _outage(rack: Rack, hosts: list[Any], models: list[str]) -> str:
+    """Cut the power of `hosts`, boot them again (the head first), and wait until every model
+    answers through the head's port. A client loop asks each model all along; return a line of
+    what it saw."""
+    with ClientLoop(SERVE_PORT, models, pause_s=0.2, host=rack.hosts[0].ip) as loop:
+        time.sleep(3)
+        cut = time.monotonic()
+        for host in hosts:
+            rack.power_cut(host)
+        for host in hosts:
+            rack.power_on(host)
+        back = max(loop.wait_answered(m, cut, 600) for m in models)
+    return f"every model answered {back - cut:.1f} s after the cut; {_seen(loop, cut)}"
+
+
+def _seen(loop: ClientLoop, since: float) -> str:
+    counts = {m: (len(c.answered), c.failures_by_reason(since)) for m, c in loop.counts.items()}
+    return f"per model, requests answered and failures (count, first, last s): {counts}"
+
+
+def _wait_for(what: str, check: Any, timeout_s: float = 300) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(2)
+    return found
+
+
+@pytest.mark.integration
+def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run) -> None:
+    """Three models deployed by deploy_models (the stand-in engine, 2 logical GPUs per worker,
+    a GPU each), then power cuts, with no Ansible run and no command: the controller on the head
+    and Ray's GCS on disk bring them back.
+    - The worker holding two models loses power: the controller moves one to the other worker's
+      free GPU and logs the other unplaced; the model on the other worker fails nothing. The
+      worker boots again and the controller places the unplaced model on it.
+    - The head loses power and boots: every model answers again.
+    - All three hosts lose power and boot: every model answers again."""
+    assert converged.result.ok, converged.explain()
+    head, workers = site_rack.hosts[0], site_rack.hosts[1:]
+    models = ["one", "two", "three"]
+    healing = {
+        **_rehearsal_vars(workers, [{"model_id": m, "gpu_memory_gib": 50} for m in models]),
+        "deploy_models_controller_grace_s": 10,
+        "deploy_models_controller_interval_s": 5,
+    }
+    steps = "ray_worker,deploy_models"
+    try:
+        run = bootstrap(site_rack, tags=steps, extravars=healing)
+        assert run.result.ok, run.explain()
+        wait_answering(SERVE_PORT, models, 120, host=head.ip)
+        placed = _deployed_on(site_rack)
+        victim = max(workers, key=lambda w: list(placed.values()).count(w.name))
+        on_victim = sorted(m for m, n in placed.items() if n == victim.name)
+        (stay,) = (m for m in models if m not in on_victim)
+        with ClientLoop(SERVE_PORT, models, pause_s=0.2, host=head.ip) as loop:
+            time.sleep(3)
+            cut = time.monotonic()
+            site_rack.power_cut(victim)
+            replanned = _wait_for(
+                f"plan without {victim.name}", lambda: _placed_without(site_rack, victim.name)
+            )
+            (moved,) = (m for m in on_victim if m in replanned)
+            (unplaced,) = (m for m in on_victim if m not in replanned)
+            moved_back = loop.wait_answered(moved, cut, 300) - cut
+            site_rack.power_on(victim)
+            booted = time.monotonic()
+            placed_back = loop.wait_answered(unplaced, booted, 300) - cut
+            time.sleep(3)
+        print(
+            f"\nworker power cut ({victim.name}): {moved} answered from the other worker after "
+            f"{moved_back:.1f} s; {unplaced} after the worker booted, {placed_back:.1f} s after "
+            f"the cut; {_seen(loop, cut)}"
+        )
+        assert loop.counts[stay].failed == [], _seen(loop, cut)
+        assert _deployed_on(site_rack)[unplaced] == victim.name
+        events = _events(site_rack)
+        assert any(e["event"] == "reconcile" and e["lost"] == [victim.name] for e in events)
+        assert any(e["event"] == "unplaced" for e in events), events
+        after_worker = _deployed_on(site_rack)
+
+        print(f"head power cut: {_outage(site_rack, [head], models)}")
+        print(f"whole rack power cut: {_outage(site_rack, list(site_rack.hosts), models)}")
+        assert _deployed_on(site_rack) == after_worker  # nothing was re-planned
+        wait_for_alive_nodes(site_rack, 3, timeout_s=180)
+    finally:
+        site_rack.ssh(
+            head,
+            f"rackserve down --address {head.ip}:{RAY_PORT} --state-dir /var/lib/rackserve/state",
+            check=False,
+        )
+        back = bootstrap(site_rack, tags="ray_worker")
+    assert back.result.ok, back.explain()
 
 
 @pytest.mark.integration
