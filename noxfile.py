@@ -43,6 +43,10 @@ with open(Path(__file__).with_name("pyproject.toml"), "rb") as pyproject:
     CPU_STACK_BROKEN = tomllib.load(pyproject)["tool"]["rackserve"]["cpu-remove-packages"]
 
 
+# The benchmarks use the repository's test and demo tooling (tools/), which the package leaves out.
+REPO_ON_PATH = {"PYTHONPATH": str(Path(__file__).parent)}
+
+
 def install_serve_stack(session: nox.Session, *extras: str) -> None:
     """Install Ray Serve, vLLM's CPU build and the package: the one place this recipe lives.
 
@@ -88,24 +92,31 @@ def bench_placement(session: nox.Session) -> None:
 def bench_serving(session: nox.Session) -> None:
     """Deploy time and throughput against hand-written Ray Serve LLM and plain vLLM."""
     install_serve_stack(session)
-    session.run("python", "benchmarks/serving.py", *session.posargs)
+    session.run("python", "benchmarks/serving.py", *session.posargs, env=REPO_ON_PATH)
+
+
+@nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
+def bench_recovery(session: nox.Session) -> None:
+    """Seconds until every model answers again after each fault, against a fresh deploy."""
+    install_serve_stack(session)
+    session.run("python", "benchmarks/recovery.py", *session.posargs, env=REPO_ON_PATH)
 
 
 @nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
 def bench_bootstrap(session: nox.Session) -> None:
     """Bootstrap wall times on the rack-in-a-box (root): 3-host and 1-host converges, no-op run."""
     session.install("-e", ".[bootstrap]")  # pip (virtualenv) builds the hosts' wheelhouse
-    session.run("python", "benchmarks/bootstrap.py", *session.posargs)
+    session.run("python", "benchmarks/bootstrap.py", *session.posargs, env=REPO_ON_PATH)
 
 
 @nox.session(
     venv_backend="none",
     default=False,
-    requires=["bench_placement", "bench_serving", "bench_bootstrap"],
+    requires=["bench_placement", "bench_serving", "bench_recovery", "bench_bootstrap"],
 )
 def bench(session: nox.Session) -> None:
     """All benchmarks (not timed tests); their figures go in the README."""
-    session.log("benchmarks done: bench_placement, bench_serving and bench_bootstrap above")
+    session.log("benchmarks done: bench_placement, bench_serving, bench_recovery, bench_bootstrap")
 
 
 @nox.session(python=PYTHON, default=False)

@@ -293,6 +293,18 @@ def model_statuses(
                     message=message,
                 )
             )
+        for model_id in deployed.unplaced():
+            statuses.append(
+                ModelStatus(
+                    model_id=model_id,
+                    node="-",
+                    gpus=(),
+                    state="UNPLACED",
+                    healthy=False,
+                    message="the last plan found it no room (or its pinned node is lost); "
+                    "the controller places it when a node joins",
+                )
+            )
         return statuses
     finally:
         ray.shutdown()

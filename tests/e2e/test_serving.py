@@ -27,6 +27,7 @@ import pytest
 from tools.client_loop import ClientLoop, wait_answering
 from tools.local_ray import HEAD_IP, RayCluster
 from tools.quickstart import ENGINE, http_json
+from tools.serve_processes import engine_process, replica_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -203,37 +204,6 @@ def test_deploy_grow_redeploy_refuse_status_down(
     assert removed.returncode == 0
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         http_json(f"{endpoint}/v1/models", timeout=10)
-
-
-def replica_pids(address: str) -> dict[str, int]:
-    """Each engine's replica PID, by model application, from Serve's own details."""
-    script = (
-        "import json, sys, ray\n"
-        "from ray.serve.context import _get_global_client\n"
-        "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
-        "details = _get_global_client().get_serve_details()\n"
-        "print(json.dumps({name: [r['pid'] for d in app['deployments'].values()"
-        " for r in d['replicas'] if r['state'] == 'RUNNING'] for name, app in"
-        " details['applications'].items()}))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script, address], capture_output=True, text=True, check=True
-    )
-    found = json.loads(out.stdout.strip().splitlines()[-1])
-    return {name: pids[0] for name, pids in found.items() if pids}
-
-
-def engine_process(replica_pid: int) -> tuple[int, str]:
-    """vLLM's engine core process, a child of the replica (started from any of its threads)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-            command = stat.with_name("cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(fields[1]) == replica_pid and "EngineCore" in command:
-            return int(stat.parent.name), command.strip()
-    raise AssertionError(f"no vLLM engine core process under the replica (PID {replica_pid})")
 
 
 @pytest.mark.fault

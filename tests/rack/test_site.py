@@ -531,6 +531,14 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
             )
             (moved,) = (m for m in on_victim if m in replanned)
             (unplaced,) = (m for m in on_victim if m not in replanned)
+            shown = site_rack.ssh(
+                head,
+                f"rackserve status --address {head.ip}:{RAY_PORT} --json -",  # the default dir
+                check=False,
+            )
+            assert shown.returncode == 4, shown.stdout + shown.stderr  # not everything serves
+            states = {m["model_id"]: m["state"] for m in json.loads(shown.stdout)["models"]}
+            assert states[unplaced] == "UNPLACED", states
             moved_back = loop.wait_answered(moved, cut, 300) - cut
             site_rack.power_on(victim)
             booted = time.monotonic()
