@@ -2,9 +2,10 @@
 
 A thread per model sends one-token chat requests to the OpenAI endpoint throughout a fault and
 records when each answered request was sent, and why each failed one failed (HTTP status and
-the error's message, or the socket error: `TimeoutError` is a request that waited out
-`REQUEST_TIMEOUT_S`). The stand-in engine's refusal (HTTP 501 naming the stand-in) counts as an
-answer: it went through the proxy, the ingress and a live engine replica and back.
+the error's message, or the socket error: `TimeoutError` is a request that waited out its
+timeout, `REQUEST_TIMEOUT_S` unless given). The stand-in engine's refusal (HTTP 501 naming the
+stand-in) counts as an answer: it went through the proxy, the ingress and a live engine replica
+and back.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class Counts:
         return grouped
 
 
-def ask(port: int, model_id: str, host: str = HEAD_IP) -> str | None:
+def ask(
+    port: int, model_id: str, host: str = HEAD_IP, timeout_s: float = REQUEST_TIMEOUT_S
+) -> str | None:
     """One chat request; None when the model's engine answered, else what went wrong."""
     request = urllib.request.Request(
         f"http://{host}:{port}/v1/chat/completions",
@@ -49,7 +52,7 @@ def ask(port: int, model_id: str, host: str = HEAD_IP) -> str | None:
         headers={"Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return None if response.status == 200 else f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")
@@ -74,11 +77,17 @@ class ClientLoop:
     """
 
     def __init__(
-        self, port: int, model_ids: list[str], pause_s: float = 0.0, host: str = HEAD_IP
+        self,
+        port: int,
+        model_ids: list[str],
+        pause_s: float = 0.0,
+        host: str = HEAD_IP,
+        timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.counts = {m: Counts() for m in model_ids}
         self._pause_s = pause_s
         self._host = host
+        self._timeout_s = timeout_s
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(port, m), daemon=True) for m in model_ids
@@ -90,7 +99,7 @@ class ClientLoop:
             if self._stop.is_set():
                 return
             sent = time.monotonic()
-            problem = ask(port, model_id, self._host)
+            problem = ask(port, model_id, self._host, self._timeout_s)
             if problem is None:
                 counts.answered.append(sent)
                 counts.slowest = max(counts.slowest, (time.monotonic() - sent, sent))
@@ -106,7 +115,7 @@ class ClientLoop:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(REQUEST_TIMEOUT_S + 5)
+            thread.join(self._timeout_s + 5)
 
     def wait_answered(self, model_id: str, after: float, timeout_s: float) -> float:
         """When `model_id` first answered a request sent after `after`."""

@@ -17,13 +17,14 @@ so Ray leaves `CUDA_VISIBLE_DEVICES` unset). Every rank then reports what Ray ga
 
 Requests through the OpenAI ingress get an OpenAI-shaped error saying this is a stand-in; the
 ingress itself (`/v1/models`) works as with vLLM. Ray is imported inside the functions only.
+The first request to a replica waits for vLLM's import (the ingress sends vLLM's request
+classes; about 10 s on two cores), which `LLMServer` pays while it starts: the stand-in skips
+it, since most rehearsals send no request and a start costs 10 s of CPU per engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
 import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -106,12 +107,6 @@ class StandInEngine:
 
     def __init__(self, llm_config: Mapping[str, Any]) -> None:
         import ray
-
-        # The requests the ingress sends are vLLM's protocol classes: importing them took about
-        # 10 s here. LLMServer has them imported before its replica runs; so does the stand-in,
-        # or the first request after every (re)start would wait that long.
-        with contextlib.suppress(ImportError):  # no vLLM: no request can reach us either
-            importlib.import_module("ray.llm._internal.serve.core.configs.openai_api_models")
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._llm_config = llm_config

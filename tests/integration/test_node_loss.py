@@ -139,7 +139,8 @@ def node_loss(rack: Driver, cluster: RayCluster) -> None:
     # Counting starts once the endpoint answers for every model (the proxy learns new routes a
     # moment after deploy returns): what is counted is what the fault does.
     wait_answering(rack.port, list(where), 120)
-    with ClientLoop(rack.port, list(where)) as loop:
+    # 30 s per request: a new stand-in replica's first answer waits for vLLM's import (10 s).
+    with ClientLoop(rack.port, list(where), timeout_s=30) as loop:
         start = time.monotonic()
         for model_id in where:
             loop.wait_answered(model_id, start, 120)
