@@ -310,27 +310,38 @@ def model_statuses(
         ray.shutdown()
 
 
+DOWN_LOCK_WAIT_S = 300.0
+"""How long `down` waits for a deploy or a controller pass that holds the state's lock."""
+
+
 def down(
     address: str, say: Say, store: StateStore | None = None, state_dir: Path | None = None
 ) -> None:
-    """Remove the application and what rackserve remembered of it (also in `state_dir`)."""
+    """Remove the application and what rackserve remembered of it (also in `state_dir`).
+
+    With `state_dir`, under its lock, and the record is forgotten before anything is deleted:
+    a controller pass waiting for the lock then finds nothing to restore.
+    """
     import ray
     from ray import serve
 
-    connect(address)
-    try:
-        ours = sorted(
-            (name for name in serve.status().applications if is_ours(name)),
-            key=lambda name: name != APP_NAME,
-        )
-        for name in ours:  # the ingress first, so no request reaches a stopping engine
-            serve.delete(name)
-        say(f"removed {', '.join(ours)}" if ours else f"no {APP_NAME!r} application is deployed")
-        (store or deployed_store(state_dir)).write(None)
-        if state_dir is not None:
-            FileStateStore(state_dir).record("removed", applications=ours)
-    finally:
-        ray.shutdown()
+    disk = FileStateStore(state_dir) if state_dir is not None else None
+    with disk.lock(DOWN_LOCK_WAIT_S) if disk else contextlib.nullcontext():
+        connect(address)
+        try:
+            ours = sorted(
+                (name for name in serve.status().applications if is_ours(name)),
+                key=lambda name: name != APP_NAME,
+            )
+            (store or deployed_store(state_dir)).write(None)
+            for name in ours:  # the ingress first, so no request reaches a stopping engine
+                serve.delete(name)
+            nothing = f"no {APP_NAME!r} application is deployed"
+            say(f"removed {', '.join(ours)}" if ours else nothing)
+            if disk:
+                disk.record("removed", applications=ours)
+        finally:
+            ray.shutdown()
 
 
 def _cluster_for(options: DeployOptions) -> Cluster:
