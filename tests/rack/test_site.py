@@ -549,7 +549,12 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
             f"{moved_back:.1f} s; {unplaced} after the worker booted, {placed_back:.1f} s after "
             f"the cut; {_seen(loop, cut)}"
         )
-        assert loop.counts[stay].failed == [], _seen(loop, cut)
+        # The ingress routes the placed models: it restarts when the unplaced one leaves its list
+        # and again when it comes back, and a request in flight at each restart times out (the
+        # README's "When things fail" says so). Nothing else of the survivor's fails.
+        survivor_failed = loop.counts[stay].failed
+        assert len(survivor_failed) <= 2, _seen(loop, cut)
+        assert all(why == "TimeoutError" for _, why in survivor_failed), _seen(loop, cut)
         assert _deployed_on(site_rack)[unplaced] == victim.name
         events = _events(site_rack)
         assert any(e["event"] == "reconcile" and e["lost"] == [victim.name] for e in events)
@@ -560,11 +565,20 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
         print(f"whole rack power cut: {_outage(site_rack, list(site_rack.hosts), models)}")
         assert _deployed_on(site_rack) == after_worker  # nothing was re-planned
         wait_for_alive_nodes(site_rack, 3, timeout_s=180)
+
+        # `down` by hand while the controller runs: it stays down (no pass restores it).
+        removed = site_rack.ssh(
+            head, f"rackserve down --address {head.ip}:{RAY_PORT}", check=False, timeout=400
+        )
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        time.sleep(15)  # three passes of the controller
+        assert _events(site_rack)[-1]["event"] == "removed", _events(site_rack)[-3:]
     finally:
         site_rack.ssh(
             head,
             f"rackserve down --address {head.ip}:{RAY_PORT} --state-dir /var/lib/rackserve/state",
             check=False,
+            timeout=400,  # down waits up to 300 s for a controller pass that is deploying
         )
         back = bootstrap(site_rack, tags="ray_worker")
     assert back.result.ok, back.explain()
