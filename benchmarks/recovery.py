@@ -23,33 +23,19 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tools.client_loop import ClientLoop, wait_answering
 from tools.local_ray import RayCluster, restart_head, start_ray_cluster, temp_root
-from tools.quickstart import DEFAULT_CACHE, build_models, deploy_args, models_config
+from tools.quickstart import DEFAULT_CACHE, build_models, deploy_args, models_config, rackserve
 from tools.serve_processes import engine_process, replica_pids
 
 PORT = 8000
 BACK_WITHIN_S = 900.0
 PAUSE_S = 0.25
 """Between one model's requests: the client must not starve the engines of two cores."""
-
-
-def rackserve(*args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "deployer", *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"rackserve {args[0]} failed ({done.returncode}):\n{done.stderr}")
 
 
 @contextlib.contextmanager

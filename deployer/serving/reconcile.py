@@ -70,7 +70,7 @@ def act(
     decision: Decision,
     options: ReconcileOptions,
     say: Say,
-    alive: frozenset[str] | None = None,
+    alive: frozenset[str],
 ) -> list[str]:
     """Deploy what `desired` records, with its settings, planning without the lost nodes.
 
@@ -111,9 +111,9 @@ class Memory:
 
 
 def _down_in_file(
-    options: DeployOptions, lost: tuple[str, ...], alive: frozenset[str] | None
+    options: DeployOptions, lost: tuple[str, ...], alive: frozenset[str]
 ) -> list[str]:
-    if options.cluster is None or alive is None:
+    if options.cluster is None:
         return []
     return [n.name for n in options.cluster.nodes if n.name not in alive and n.name not in lost]
 
