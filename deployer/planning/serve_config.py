@@ -88,6 +88,16 @@ def engine_kwargs(model: ModelConfig, placement: Placement) -> dict[str, Any]:
     return kwargs
 
 
+REPLICA_ENV = {"VLLM_CONFIGURE_LOGGING": "0"}
+"""Set in every replica rackserve runs (engines and the ingress).
+
+vLLM's logging setup (`logging.config.dictConfig`, on import) closes every handler already
+made, Serve's replica log handler among them; a Serve controller recovering after a head
+restart then fails its check of each surviving replica and replaces it (Ray 2.60). With vLLM's
+setup off, vLLM's records go through Ray's worker logging (warnings and errors; no INFO).
+"""
+
+
 def llm_config(model: ModelConfig, placement: Placement, node: Node) -> dict[str, Any]:
     """The keyword arguments of `ray.serve.llm.LLMConfig` for one placed model."""
     if placement.device == "gpu":
@@ -115,7 +125,7 @@ def llm_config(model: ModelConfig, placement: Placement, node: Node) -> dict[str
             "placement_group_bundle_label_selector": [dict(selector) for _ in bundles],
             "ray_actor_options": actor_options,
         },
-        "runtime_env": {"env_vars": env},
+        "runtime_env": {"env_vars": {**REPLICA_ENV, **env}},
     }
 
 

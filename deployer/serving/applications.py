@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from deployer.planning.serve_config import APP_NAME, EngineSpec
+from deployer.planning.serve_config import APP_NAME, REPLICA_ENV, EngineSpec
 from deployer.serving.standin import StandInEngine
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"
@@ -94,6 +94,7 @@ def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
     actor["resources"] = {**actor.get("resources", {}), HEAD_NODE_RESOURCE: 0.001}
     if cpu_only:  # keep two models within 2-CPU nodes (docs/ray-and-vllm-facts.md)
         actor["num_cpus"] = 0
+    actor["runtime_env"] = {"env_vars": dict(REPLICA_ENV)}
     options["ray_actor_options"] = actor
     handles = {
         c.model_id: serve.get_deployment_handle(

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from deployer.serving.applications import model_app_name
 from deployer.serving.state import FileStateStore
 from tests.integration import rehearsal
 from tests.integration.faults import Driver, start_driver, status
 from tools.client_loop import ClientLoop, wait_answering
 from tools.local_ray import restart_head, start_ray_cluster
+from tools.serve_processes import replica_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -84,6 +86,7 @@ def test_a_restarted_head_serves_again_by_itself(driver: Driver) -> None:
         model_ids = [m["model_id"] for m in MODELS]
         wait_answering(driver.port, model_ids, 120)
         worker = cluster.nodes[1]
+        engines_before = replica_pids(cluster.address)
         with ClientLoop(driver.port, model_ids) as loop:
             for model_id in model_ids:
                 loop.wait_answered(model_id, time.monotonic(), 120)
@@ -98,6 +101,7 @@ def test_a_restarted_head_serves_again_by_itself(driver: Driver) -> None:
         reports = driver.submit(rehearsal.read_reports, cluster.address, model_ids)
         shown = status(cluster.address, state_dir)
         assert shown.returncode == 0, shown.stdout + shown.stderr
+        engines_after = replica_pids(cluster.address)
 
     failed = {m: len(c.failed) for m, c in loop.counts.items()}
     answered = {m: len(c.answered) for m, c in loop.counts.items()}
@@ -111,5 +115,11 @@ def test_a_restarted_head_serves_again_by_itself(driver: Driver) -> None:
             p.node,
             sorted(p.gpus),
         )
+    # The engines on the worker were not replaced: Serve's recovered controller kept the
+    # replicas that lived through the head's absence (vLLM's logging setup used to close
+    # Serve's log handler in them, and recovery then replaced every one).
+    for model_id in model_ids:
+        app = model_app_name(model_id)
+        assert engines_after[app] == engines_before[app], (engines_before, engines_after)
     events = [e["event"] for e in FileStateStore(Path(state_dir)).events()]
     assert events == ["deployed"], events  # nothing but the first deploy: Serve came back itself

@@ -71,7 +71,10 @@ def test_gpu_plan_becomes_pinned_fractional_configs_in_launch_order() -> None:
         big["deployment_config"]["placement_group_bundle_label_selector"]
         == [{NODE_LABEL: "gpu-a"}] * 2
     )
-    assert big["runtime_env"]["env_vars"] == {"VLLM_RAY_PER_WORKER_GPUS": "1.0"}
+    assert big["runtime_env"]["env_vars"] == {
+        "VLLM_RAY_PER_WORKER_GPUS": "1.0",
+        "VLLM_CONFIGURE_LOGGING": "0",  # else a head restart replaces it (REPLICA_ENV)
+    }
     assert big["engine_kwargs"]["tensor_parallel_size"] == 2
     assert big["engine_kwargs"]["max_model_len"] == 8192
     assert big["engine_kwargs"]["gpu_memory_utilization"] == placement["big"].gpu_memory_utilization
