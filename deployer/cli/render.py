@@ -7,6 +7,7 @@ into the tables as plain `Text` with control characters escaped: never read as R
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 def _text(value: str | None) -> Text:
     """A table cell holding input data: plain text, control characters escaped."""
     return Text("-" if value is None else printable(value))
+
+
+def _utc(seconds: float) -> str:
+    """A Unix time as the event log writes its times: ISO 8601, UTC, whole seconds."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def _gib(value: int | None) -> str:
@@ -211,8 +217,8 @@ def print_plan(console: Console, plan: Plan, full: bool = False) -> None:
 def status_table(statuses: Sequence[ModelStatus]) -> Table:
     """`rackserve status`: one row per deployed model."""
     table = Table(title=f"Application {APP_NAME!r}", title_justify="left")
-    for column in ("model", "node", "GPUs", "state", "healthy", "message"):
-        table.add_column(column)
+    for column in ("model", "node", "GPUs", "state", "healthy", "since", "restarts", "message"):
+        table.add_column(column, justify="right" if column == "restarts" else "left")
     for s in statuses:
         table.add_row(
             _text(s.model_id),
@@ -220,6 +226,8 @@ def status_table(statuses: Sequence[ModelStatus]) -> Table:
             ",".join(map(str, s.gpus)) or "-",
             s.state,
             "yes" if s.healthy else Text("no", style="bold red"),
+            "-" if s.since is None else _utc(s.since),
+            str(s.restarts),
             _text(s.message),
         )
     return table

@@ -45,6 +45,7 @@ from deployer.serving.applications import (
     quiet_builders,
 )
 from deployer.serving.probe import connect, probe_cluster
+from deployer.serving.replicas import ReplicaHistory, replica_history
 from deployer.serving.state import FileStateStore, StateStore, deployed_store
 from deployer.sources.estimates import estimate_models
 
@@ -253,6 +254,10 @@ class ModelStatus:
     state: str
     healthy: bool
     message: str
+    since: float | None = None
+    """When its running engine replica started (Unix seconds); None when none runs."""
+    restarts: int = 0
+    """Engine replicas of this model that stopped while this Ray cluster ran (`replicas`)."""
 
 
 def model_statuses(
@@ -273,6 +278,7 @@ def model_statuses(
         applications = serve.status().applications
         if deployed is None:
             return []
+        history = replica_history()
         ingress = APP_NAME in applications
         statuses = []
         for placement in deployed.placements:
@@ -283,6 +289,7 @@ def model_statuses(
             message = deployment.message if deployment else "its engine is not running"
             if not ingress:
                 message = f"the ingress {APP_NAME!r} is not running; {message}".rstrip("; ")
+            replicas = history.get(model_app_name(model_id), ReplicaHistory(None, 0))
             statuses.append(
                 ModelStatus(
                     model_id=model_id,
@@ -291,6 +298,8 @@ def model_statuses(
                     state=state,
                     healthy=state == "HEALTHY" and ingress,
                     message=message,
+                    since=replicas.since,
+                    restarts=replicas.restarts,
                 )
             )
         for model_id in deployed.unplaced():

@@ -226,7 +226,7 @@ def test_a_killed_engine_is_restarted_while_the_other_model_answers(
     with ClientLoop(port, ["tiny-a", "tiny-b"], pause_s=0.25, timeout_s=30) as loop:
         for model_id in ("tiny-a", "tiny-b"):
             loop.wait_answered(model_id, time.monotonic(), 120)
-        killed = time.monotonic()
+        killed, killed_at = time.monotonic(), time.time()
         os.kill(victim, signal.SIGKILL)
         back = loop.wait_answered("tiny-b", killed + 1, 600) - killed
         time.sleep(3)
@@ -242,4 +242,9 @@ def test_a_killed_engine_is_restarted_while_the_other_model_answers(
     assert replica_pids(address)["rackserve-model:tiny-b"] != replica  # a new replica serves it
     waited = [why for _, why in counts["tiny-b"].failed if not why.startswith("HTTP")]
     assert len(waited) <= 1, waited  # at most the request in flight at the kill
+    shown = rackserve("status", "--address", address, "--json", "-")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    rows = {m["model_id"]: m for m in json.loads(shown.stdout)["models"]}
+    assert (rows["tiny-a"]["restarts"], rows["tiny-b"]["restarts"]) == (0, 1), rows
+    assert rows["tiny-a"]["since"] < killed_at < rows["tiny-b"]["since"], (killed_at, rows)
     rackserve("down", "--address", address)
