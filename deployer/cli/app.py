@@ -324,13 +324,35 @@ def controller(
     interval_s: Annotated[
         float, typer.Option("--interval-s", min=1, max=3_600, help="Seconds between passes.")
     ] = 10.0,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65_535,
+            help="Serve the plan's Prometheus gauges on this port (0: off).",
+        ),
+    ] = 0,
+    metrics_address: Annotated[
+        str, typer.Option("--metrics-address", help="Address the metrics port listens on.")
+    ] = "127.0.0.1",
 ) -> None:
     """Reconcile passes forever (the head's rackserve-controller service)."""
     require("ray.serve", "controller")
+    from deployer.serving.exporter import serve_metrics  # noqa: PLC0415 - needs prometheus_client
     from deployer.serving.reconcile import run_controller  # noqa: PLC0415 - needs Ray
 
     options = _reconcile_options(address, state_dir, cluster, grace_s, join_timeout_s)
-    run_controller(options, plain_lines(console), interval_s=interval_s)
+    seen = None
+    if metrics_port:
+        try:
+            seen = serve_metrics(metrics_port, metrics_address).seen
+        except OSError as exc:
+            raise RackserveError(
+                f"cannot serve metrics on {metrics_address}:{metrics_port}: {exc.strerror}; "
+                "pick a free port (--metrics-port) or an address of this host (--metrics-address)"
+            ) from exc
+    run_controller(options, plain_lines(console), interval_s=interval_s, seen=seen)
 
 
 @app.command()

@@ -33,6 +33,8 @@ class Observed:
     """The `rackserve` application exists."""
     engines: frozenset[str]
     """Models whose engine application exists (in any state)."""
+    serving: frozenset[str] = frozenset()
+    """Models whose engine has a running replica."""
 
 
 @dataclasses.dataclass(frozen=True)

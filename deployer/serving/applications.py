@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from deployer.planning.serve_config import APP_NAME, REPLICA_ENV, EngineSpec
@@ -36,6 +36,16 @@ def model_app_name(model_id: str) -> str:
 def is_ours(app_name: str) -> bool:
     """True for the ingress and every engine application rackserve runs."""
     return app_name == APP_NAME or app_name.startswith(model_app_name(""))
+
+
+def running_engines(applications: Mapping[str, Any]) -> frozenset[str]:
+    """The applications (from `serve.status().applications`) whose engine has a RUNNING replica."""
+    running = set()
+    for name, application in applications.items():
+        deployment = application.deployments.get(ENGINE_DEPLOYMENT)
+        if deployment is not None and deployment.replica_states.get("RUNNING", 0) > 0:
+            running.add(name)
+    return frozenset(running)
 
 
 def quiet_builders() -> None:
@@ -61,23 +71,34 @@ def engine_application(spec: EngineSpec, engine: Engine = "vllm") -> Any:
     return deployment.options(func_or_class=StandInEngine).bind(llm_config=config.model_dump())
 
 
-def ingress_key(specs: Sequence[EngineSpec], prefix: str, cpu_only: bool) -> str:
+def ingress_key(
+    specs: Sequence[EngineSpec], prefix: str, cpu_only: bool, every_node: bool = False
+) -> str:
     """What the ingress application is built from, besides where the engines run.
 
     Two deploys with the same key need not restart the ingress: it holds handles to the
-    engines' applications by name, and lists the same model cards.
+    engines' applications by name, and lists the same model cards. Whether it runs on every
+    node is part of the key; how many nodes there are is not (Serve replaces a lost node's
+    replica elsewhere, and a node that joins gets one at the next change of models).
     """
     cards = sorted(
         (s.model_id, s.llm_config.get("engine_kwargs", {}).get("max_model_len")) for s in specs
     )
-    return json.dumps({"cards": cards, "prefix": prefix, "cpu_only": cpu_only}, default=str)
+    key: dict[str, Any] = {"cards": cards, "prefix": prefix, "cpu_only": cpu_only}
+    if every_node:
+        key["every_node"] = True
+    return json.dumps(key, default=str)
 
 
-def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
+def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool, every_node: int = 0) -> Any:
     """The ingress over handles to the engines' applications, as `build_openai_app` builds it.
 
     The class is `RackserveIngress` (`deployer.serving.ingress`): Serve LLM's `OpenAiIngress`
-    answering a prompt 503 for a model with no running engine.
+    answering a prompt 503 for a model with no running engine. With `every_node` (the number of
+    nodes, when Serve runs a proxy on each) it runs that many replicas, which Serve spreads one
+    per node; each proxy prefers its own node's replica, so a node's port keeps serving the
+    models that live through the loss of another node, the head included. Otherwise one
+    replica, on the head, beside the only proxy.
     """
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
@@ -89,9 +110,11 @@ def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
     configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
     options = OpenAiIngress.get_deployment_options(configs)
     actor = dict(options.get("ray_actor_options", {}))
-    # On the head, beside the HTTP proxy: losing a worker then never takes the ingress (and
-    # with it every model's requests) down, only that worker's engines.
-    actor["resources"] = {**actor.get("resources", {}), HEAD_NODE_RESOURCE: 0.001}
+    if every_node > 1:
+        options.pop("autoscaling_config", None)
+        options["num_replicas"] = every_node
+    else:  # losing a worker then never takes the ingress, and every model's requests, away
+        actor["resources"] = {**actor.get("resources", {}), HEAD_NODE_RESOURCE: 0.001}
     if cpu_only:  # keep two models within 2-CPU nodes (docs/ray-and-vllm-facts.md)
         actor["num_cpus"] = 0
     actor["runtime_env"] = {"env_vars": dict(REPLICA_ENV)}

@@ -24,7 +24,7 @@ from deployer.errors import RackserveError
 from deployer.planning.reconcile import Decision, Observed, decide
 from deployer.planning.redeploy import Deployed
 from deployer.planning.serve_config import APP_NAME
-from deployer.serving.applications import model_app_name
+from deployer.serving.applications import model_app_name, running_engines
 from deployer.serving.launch import DeployOptions, Say, alive_by_label, deploy
 from deployer.serving.probe import connect
 from deployer.serving.state import FileStateStore, deployed_store
@@ -55,12 +55,15 @@ def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Obse
         desired = deployed_store(state_dir).read()
         alive = frozenset(alive_by_label(ray.nodes()))  # type: ignore[no-untyped-call]
         applications = serve.status().applications
-        engines = frozenset(
-            p["model_id"]
-            for p in (desired.placements if desired else [])
-            if model_app_name(p["model_id"]) in applications
+        placed = [p["model_id"] for p in (desired.placements if desired else [])]
+        engines = frozenset(m for m in placed if model_app_name(m) in applications)
+        running = running_engines(applications)
+        return desired, Observed(
+            alive=alive,
+            ingress=APP_NAME in applications,
+            engines=engines,
+            serving=frozenset(m for m in engines if model_app_name(m) in running),
         )
-        return desired, Observed(alive=alive, ingress=APP_NAME in applications, engines=engines)
     finally:
         ray.shutdown()
 
@@ -180,8 +183,12 @@ def run_controller(
     interval_s: float = 10.0,
     passes: int | None = None,
     clock: Callable[[], float] = time.monotonic,
+    seen: Callable[[Deployed | None, Observed], None] | None = None,
 ) -> None:
-    """Passes every `interval_s` (forever, or `passes` times); never raises on a failed pass."""
+    """Passes every `interval_s` (forever, or `passes` times); never raises on a failed pass.
+
+    `seen` gets what each pass observed (the metrics exporter keeps it).
+    """
     last_seen: dict[str, float] = {}
     alive_before: frozenset[str] = frozenset()
     started = clock()
@@ -192,6 +199,8 @@ def run_controller(
         count += 1
         try:
             desired, observed = observe(options.deploy.address, options.deploy.state_dir)
+            if seen is not None:
+                seen(desired, observed)
             now = clock()
             for node in observed.alive:
                 last_seen[node] = now
