@@ -257,7 +257,7 @@ class ModelStatus:
     since: float | None = None
     """When its running engine replica started (Unix seconds); None when none runs."""
     restarts: int = 0
-    """Engine replicas of this model that stopped while this Ray cluster ran (`replicas`)."""
+    """Engine replicas of this model that stopped since it was last deployed (`replicas`)."""
 
 
 def model_statuses(
@@ -278,7 +278,7 @@ def model_statuses(
         applications = serve.status().applications
         if deployed is None:
             return []
-        history = replica_history()
+        history = replica_history(applications)
         ingress = APP_NAME in applications
         statuses = []
         for placement in deployed.placements:

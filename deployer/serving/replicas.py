@@ -3,8 +3,9 @@
 Serve names every replica actor `SERVE_REPLICA::<application>#<deployment>#<id>` and starts a
 new actor (a new id) for each restart, move or replacement, so the GCS actor table, which keeps
 dead actors too, holds each engine's history for as long as the cluster's GCS does (across a
-head restart when GCS persistence is on). `replica_history` reads that table; `history_of`
-is the pure part.
+head restart when GCS persistence is on). Restarts count from the application's last deploy
+(Serve's `last_deployed_time_s`): a replica of an earlier deployment (before a `down`, a move or
+a config change) is not one. `replica_history` reads the table; `history_of` is the pure part.
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ class ReplicaHistory:
     since: float | None
     """When the newest live replica's actor started (Unix seconds); None when none is alive."""
     restarts: int
-    """Replica actors of this engine that have stopped: crashes, replacements and moves."""
+    """Replicas of this engine started since its last deploy that have stopped (crashes,
+    failed health checks, replacements)."""
 
 
-def history_of(actors: Iterable[Mapping[str, Any]]) -> dict[str, ReplicaHistory]:
-    """Per engine application, from GCS actor records (`Name`, `State`, `StartTime` in ms)."""
+def history_of(
+    actors: Iterable[Mapping[str, Any]], deployed_at: Mapping[str, float]
+) -> dict[str, ReplicaHistory]:
+    """Per engine application, from GCS actor records and last deploy times.
+
+    `actors`: records with `Name`, `State` and `StartTime` (ms); `deployed_at`: each
+    application's last deploy (Unix seconds; 0 when unknown).
+    """
     started: dict[str, list[float]] = {}
     stopped: dict[str, int] = {}
     for actor in actors:
@@ -42,18 +50,23 @@ def history_of(actors: Iterable[Mapping[str, Any]]) -> dict[str, ReplicaHistory]
             continue
         started.setdefault(app, [])
         stopped.setdefault(app, 0)
+        start = float(actor.get("StartTime") or 0) / 1000.0
         if actor.get("State") == "DEAD":
-            stopped[app] += 1
-        elif actor.get("State") == "ALIVE" and actor.get("StartTime"):
-            started[app].append(float(actor["StartTime"]) / 1000.0)
+            stopped[app] += start >= deployed_at.get(app, 0.0)
+        elif actor.get("State") == "ALIVE" and start:
+            started[app].append(start)
     return {
         app: ReplicaHistory(since=max(started[app], default=None), restarts=stopped[app])
         for app in started
     }
 
 
-def replica_history() -> dict[str, ReplicaHistory]:
-    """`history_of` the connected cluster's GCS actor table (dead actors included)."""
+def replica_history(applications: Mapping[str, Any]) -> dict[str, ReplicaHistory]:
+    """`history_of` the connected cluster's GCS actor table (dead actors included).
+
+    `applications`: as `serve.status().applications` gives them.
+    """
     from ray._private import state  # Ray's own `ray.util.state` needs the dashboard
 
-    return history_of(state.actors().values())
+    deployed_at = {name: app.last_deployed_time_s for name, app in applications.items()}
+    return history_of(state.actors().values(), deployed_at)
