@@ -2,8 +2,8 @@
 
 Serve's handle holds a request for an engine with no running replica until one starts, so a
 client of a lost model would wait for its own timeout (or Serve LLM's 600 s). This ingress keeps
-a view of which engine applications have a RUNNING replica (Serve's status, at most
-`STATUS_MAX_AGE_S` old) and answers a request for a model without one at once, and a request
+a view of which engine applications have a RUNNING replica (Serve's status, refreshed every
+`STATUS_MAX_AGE_S`) and answers a request for a model without one at once, and a request
 already waiting as soon as its model is seen down, with an OpenAI-style 503 naming the model.
 Other models are not touched. An unknown view (Serve's controller away) lets requests through.
 
@@ -24,22 +24,16 @@ from ray.llm._internal.common.utils.lora_utils import get_base_model_id
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.serve.llm.ingress import OpenAiIngress
 
-from deployer.serving.applications import ENGINE_DEPLOYMENT
+from deployer.serving.applications import running_engines
 
 STATUS_MAX_AGE_S = 2.0
-"""How old the view of running engines may be."""
+"""How old the view of running engines may be before a refresh starts."""
+STATUS_WAIT_S = 0.5
+"""How long a request waits for a refresh in flight before using the view it has."""
+STATUS_STALE_S = 10.0
+"""A view not refreshed for this long is unknown (the controller away): requests go through."""
 WAIT_CHECK_S = 1.0
 """How often a request waiting for its first answer checks that its model is still up."""
-
-
-def running_engines(applications: Mapping[str, Any]) -> frozenset[str]:
-    """The applications (from `serve.status().applications`) whose engine has a RUNNING replica."""
-    running = set()
-    for name, application in applications.items():
-        deployment = application.deployments.get(ENGINE_DEPLOYMENT)
-        if deployment is not None and deployment.replica_states.get("RUNNING", 0) > 0:
-            running.add(name)
-    return frozenset(running)
 
 
 class RackserveIngress(OpenAiIngress):
@@ -48,19 +42,37 @@ class RackserveIngress(OpenAiIngress):
     def __init__(self, llm_deployments: Mapping[str, Any], model_cards: Mapping[str, Any]) -> None:
         super().__init__(dict(llm_deployments), dict(model_cards))
         self._app_of = {model_id: h.app_name for model_id, h in llm_deployments.items()}
-        self._running: frozenset[str] | None = None
-        self._checked = float("-inf")
+        self._running: frozenset[str] = frozenset()
+        self._seen = float("-inf")
+        self._asked = float("-inf")
+        self._refresh: asyncio.Future[None] | None = None
+
+    async def _refresh_view(self) -> None:
+        try:
+            found = await asyncio.to_thread(serve.status)
+        except Exception:  # the controller away: the view ages into unknown
+            return
+        finally:
+            self._refresh = None
+        self._running = running_engines(found.applications)
+        self._seen = time.monotonic()
 
     async def _running_apps(self) -> frozenset[str] | None:
-        """Serve's engines with a running replica; refreshed when older than STATUS_MAX_AGE_S."""
+        """Serve's engines with a running replica, or None when unknown.
+
+        One refresh runs at a time, in a thread; a request waits for it at most STATUS_WAIT_S.
+        While Serve's controller is away (the head restarting) `serve.status` can block for as
+        long: requests then go through on the last view, and on none once it is STATUS_STALE_S
+        old, so the replicas that outlive the head keep answering through their node's proxy.
+        """
         now = time.monotonic()
-        if now - self._checked >= STATUS_MAX_AGE_S:
-            self._checked = now  # one refresh at a time, whatever the number of requests
-            try:
-                found = await asyncio.to_thread(serve.status)
-                self._running = running_engines(found.applications)
-            except Exception:  # the controller away (a head restart): keep the last view
-                self._running = None
+        if self._refresh is None and now - self._asked >= STATUS_MAX_AGE_S:
+            self._asked = now
+            self._refresh = asyncio.ensure_future(self._refresh_view())
+        if self._refresh is not None:
+            await asyncio.wait({self._refresh}, timeout=STATUS_WAIT_S)
+        if time.monotonic() - self._seen > STATUS_STALE_S:
+            return None
         return self._running
 
     async def _refuse_if_down(self, model_id: str) -> None:
