@@ -462,6 +462,19 @@ def _placed_without(rack: Rack, node: str) -> dict[str, str] | None:
     return None if node in placed.values() else placed
 
 
+def _controller_log(rack: Rack) -> str:
+    """For a failure's report: the controller's journal, the event log and Serve's status."""
+    shown = rack.ssh(
+        rack.hosts[0],
+        "journalctl -u rackserve-controller --no-pager -n 150 -o short-monotonic; "
+        "tail -n 20 /var/lib/rackserve/state/events.jsonl; "
+        f"rackserve status --address {rack.hosts[0].ip}:{RAY_PORT}",
+        check=False,
+        timeout=180,
+    )
+    return f"--- on the head, after the failure:\n{shown.stdout}{shown.stderr}"
+
+
 def _events(rack: Rack) -> list[dict[str, Any]]:
     shown = rack.ssh(rack.hosts[0], "cat /var/lib/rackserve/state/events.jsonl").stdout
     return [json.loads(line) for line in shown.splitlines() if line.strip()]
@@ -555,14 +568,19 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
         survivor_failed = loop.counts[stay].failed
         assert len(survivor_failed) <= 2, _seen(loop, cut)
         assert all(why == "TimeoutError" for _, why in survivor_failed), _seen(loop, cut)
-        assert _deployed_on(site_rack)[unplaced] == victim.name
+        _wait_for(
+            f"{unplaced} recorded on {victim.name}",
+            lambda: _deployed_on(site_rack).get(unplaced) == victim.name,
+        )
         events = _events(site_rack)
         assert any(e["event"] == "reconcile" and e["lost"] == [victim.name] for e in events)
         assert any(e["event"] == "unplaced" for e in events), events
         after_worker = _deployed_on(site_rack)
 
-        print(f"head power cut: {_outage(site_rack, [head], models)}")
-        print(f"whole rack power cut: {_outage(site_rack, list(site_rack.hosts), models)}")
+        seen = _outage(site_rack, [head], models)
+        print(f"head power cut: {seen}")
+        seen = _outage(site_rack, list(site_rack.hosts), models)
+        print(f"whole rack power cut: {seen}")
         assert _deployed_on(site_rack) == after_worker  # nothing was re-planned
         wait_for_alive_nodes(site_rack, 3, timeout_s=180)
 
@@ -573,6 +591,9 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
         assert removed.returncode == 0, removed.stdout + removed.stderr
         time.sleep(15)  # three passes of the controller
         assert _events(site_rack)[-1]["event"] == "removed", _events(site_rack)[-3:]
+    except BaseException:
+        print(_controller_log(site_rack))
+        raise
     finally:
         site_rack.ssh(
             head,
