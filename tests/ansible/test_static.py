@@ -790,7 +790,14 @@ def test_controller_unit_runs_rackserve_controller_after_ray_without_binding_to_
         "/opt/rs venv/bin/rackserve", "controller", "--address", "10.20.0.10:6380",
         "--state-dir", "/var/lib/rackserve/state", "--grace-s", "90",
         "--join-timeout-s", "300", "--interval-s", "10",
+        "--metrics-port", "9750", "--metrics-address", "10.20.0.10",
     ]  # fmt: skip
+    off = render(
+        "deploy_models",
+        "rackserve-controller.service.j2",
+        CONTROLLER_VARS | {"deploy_models_controller_metrics_port": 0},
+    )
+    assert "--metrics" not in off
     assert entries["After"][0].split() == ["network-online.target", "rackserve-ray-head.service"]
     # It must outlive Ray's restarts (and keep retrying): nothing binds it to the head's unit.
     assert not {"PartOf", "BindsTo", "Requires", "Requisite"} & set(entries)
