@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,8 @@ from deployer.cli.render import (
     plain_lines,
     print_plan,
     status_table,
+    top_rows,
+    top_table,
 )
 from deployer.config.cluster import dump_cluster, load_cluster
 from deployer.config.models_config import load_models
@@ -380,6 +383,60 @@ def status(
             console.print(f"no {APP_NAME!r} application is deployed")
     if not all(s.healthy for s in statuses):
         raise typer.Exit(ExitCode.NOT_SERVING)
+
+
+@app.command()
+def top(
+    address: AddressOption = "auto",
+    state_dir: StateDirOption = None,
+    prometheus: Annotated[
+        str | None,
+        typer.Option(
+            "--prometheus",
+            help="Read the engines' series from this Prometheus (e.g. http://HEAD:9090); "
+            "default: every Ray node's metrics endpoint.",
+        ),
+    ] = None,
+    interval_s: Annotated[
+        float,
+        typer.Option("--interval-s", min=0.5, max=300, help="Seconds between two readings."),
+    ] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="One view, then exit.")] = False,
+    json_out: JsonOption = None,
+) -> None:
+    """Per model: node, state, requests, req/s, tokens/s, TTFT, running/waiting, KV cache %."""
+    require("ray.serve", "top")
+    check_output_target(json_out)
+    from rich.live import Live  # noqa: PLC0415
+
+    from deployer.planning.model_load import model_loads  # noqa: PLC0415
+    from deployer.serving import metrics_reader  # noqa: PLC0415 - needs Ray
+    from deployer.serving.launch import model_statuses  # noqa: PLC0415
+
+    state_dir = state_dir_or_default(state_dir)
+    read = (
+        metrics_reader.prometheus_reader(prometheus)
+        if prometheus
+        else metrics_reader.endpoint_reader(metrics_reader.metrics_endpoints(address))
+    )
+
+    def view() -> list[dict[str, Any]]:
+        before, started = read(), time.monotonic()
+        time.sleep(interval_s)
+        after = read()
+        loads = model_loads(before, after, time.monotonic() - started)
+        return top_rows(model_statuses(address, state_dir=state_dir), loads)
+
+    if once or json_out:
+        rows = view()
+        if json_out:
+            _write_json(json_out, {"interval_s": interval_s, "models": rows})
+        if json_out != "-":
+            console.print(top_table(rows, interval_s))
+        return
+    with Live(console=console, auto_refresh=False) as live:
+        while True:  # until ^C
+            live.update(top_table(view(), interval_s), refresh=True)
 
 
 @app.command()

@@ -6,6 +6,7 @@ into the tables as plain `Text` with control characters escaped: never read as R
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from deployer.config.cluster import Cluster
 from deployer.config.units import GIB, MIB
 from deployer.errors import printable
 from deployer.planning.estimate import MemoryEstimate
+from deployer.planning.model_load import ModelLoad
 from deployer.planning.placement import DeviceFill, Plan
 from deployer.planning.serve_config import APP_NAME
 
@@ -255,3 +257,56 @@ def events_table(events: Sequence[Mapping[str, Any]]) -> Table:
 def plain_lines(console: Console) -> Callable[[str], None]:
     """Print each line as plain text: ids and messages in it are never read as markup."""
     return lambda line: console.print(Text(printable(line)))
+
+
+def _figure(value: float | None, digits: int = 1, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def top_rows(
+    statuses: Sequence[ModelStatus], loads: Mapping[str, ModelLoad]
+) -> list[dict[str, Any]]:
+    """`rackserve top`: per deployed model, where and how it runs, and its load.
+
+    A model whose engine reports no figures has None for each.
+    """
+    figures = [f.name for f in dataclasses.fields(ModelLoad) if f.name != "model_id"]
+    rows = []
+    for status in statuses:
+        load = loads.get(status.model_id)
+        row: dict[str, Any] = {
+            "model_id": status.model_id,
+            "node": status.node,
+            "state": status.state,
+            "healthy": status.healthy,
+        }
+        row.update({name: getattr(load, name) if load else None for name in figures})
+        rows.append(row)
+    return rows
+
+
+def top_table(rows: Sequence[Mapping[str, Any]], seconds: float) -> Table:
+    """`rackserve top`'s table: rates over the last `seconds`."""
+    table = Table(
+        title=f"rackserve top: rates over {seconds:.0f} s, TTFT of the requests in it",
+        title_justify="left",
+    )
+    columns = ("model", "node", "state", "requests", "req/s", "tokens/s", "TTFT p50 ms",
+               "TTFT p95 ms", "running", "waiting", "KV %")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in columns[:3] else "right")
+    for row in rows:
+        table.add_row(
+            _text(row["model_id"]),
+            _text(row["node"]),
+            row["state"] if row["healthy"] else Text(row["state"], style="bold red"),
+            _figure(row["requests"], 0),
+            _figure(row["requests_per_s"], 2),
+            _figure(row["tokens_per_s"], 1),
+            _figure(row["ttft_p50_s"], 0, 1000.0),
+            _figure(row["ttft_p95_s"], 0, 1000.0),
+            _figure(row["running"], 0),
+            _figure(row["waiting"], 0),
+            _figure(row["kv_cache_percent"], 1),
+        )
+    return table
