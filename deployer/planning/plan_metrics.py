@@ -25,6 +25,8 @@ FAMILIES: Mapping[str, str] = {
     "rackserve_ray_gpu_fraction": "The Ray GPU fraction each rank of the model asks for.",
     "rackserve_node_alive": "1 for each planned node Ray sees alive (by its rackserve/node "
     "label), 0 for one it does not.",
+    "rackserve_node_address": "1 for each node Ray sees alive, with its IP (`ip`): joins the "
+    "plan's nodes to Ray's and the exporters' series, which carry the IP.",
 }
 """Every gauge rackserve exports, with its help text."""
 
@@ -39,12 +41,15 @@ class Sample:
 
 
 def plan_samples(
-    deployed: Deployed | None, serving: frozenset[str], alive: frozenset[str]
+    deployed: Deployed | None,
+    serving: frozenset[str],
+    alive: frozenset[str],
+    addresses: Mapping[str, str] | None = None,
 ) -> list[Sample]:
     """The gauges for `deployed` (nothing when nothing is deployed).
 
     `serving`: the model ids whose engine has a running replica; `alive`: the node names Ray
-    sees alive.
+    sees alive; `addresses`: their IPs, by name.
     """
     if deployed is None:
         return []
@@ -73,4 +78,7 @@ def plan_samples(
                 samples.append(Sample(name, at, float(placement[key])))
     for node in sorted({p["node"] for p in deployed.placements} | alive):
         samples.append(Sample("rackserve_node_alive", {"node": node}, float(node in alive)))
+    for node, ip in sorted((addresses or {}).items()):
+        if node in alive:
+            samples.append(Sample("rackserve_node_address", {"node": node, "ip": ip}, 1.0))
     return samples

@@ -35,6 +35,8 @@ class Observed:
     """Models whose engine application exists (in any state)."""
     serving: frozenset[str] = frozenset()
     """Models whose engine has a running replica."""
+    addresses: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The alive nodes' IPs, by name."""
 
 
 @dataclasses.dataclass(frozen=True)

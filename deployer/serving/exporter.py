@@ -47,7 +47,7 @@ class PlanCollector:
             return
         deployed, observed = seen
         families: dict[str, Any] = {}
-        for sample in plan_samples(deployed, observed.serving, observed.alive):
+        for sample in plan_samples(deployed, observed.serving, observed.alive, observed.addresses):
             family = families.get(sample.name)
             if family is None:
                 labels = list(sample.labels)

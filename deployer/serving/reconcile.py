@@ -53,16 +53,17 @@ def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Obse
     connect(address)
     try:
         desired = deployed_store(state_dir).read()
-        alive = frozenset(alive_by_label(ray.nodes()))  # type: ignore[no-untyped-call]
+        rows = alive_by_label(ray.nodes())  # type: ignore[no-untyped-call]
         applications = serve.status().applications
         placed = [p["model_id"] for p in (desired.placements if desired else [])]
         engines = frozenset(m for m in placed if model_app_name(m) in applications)
         running = running_engines(applications)
         return desired, Observed(
-            alive=alive,
+            alive=frozenset(rows),
             ingress=APP_NAME in applications,
             engines=engines,
             serving=frozenset(m for m in engines if model_app_name(m) in running),
+            addresses={name: str(row["NodeManagerAddress"]) for name, row in rows.items()},
         )
     finally:
         ray.shutdown()

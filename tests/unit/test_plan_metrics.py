@@ -63,3 +63,11 @@ def test_a_cpu_placement_books_its_node_and_nothing_deployed_exports_nothing() -
     ]
     assert not any(s.name == "rackserve_ray_gpu_fraction" for s in found)
     assert plan_samples(None, frozenset(), frozenset({"head"})) == []
+
+
+def test_alive_nodes_carry_their_address_for_joins_with_rays_series() -> None:
+    found = plan_samples(
+        DEPLOYED, frozenset(), frozenset({"gpu-a"}), {"gpu-a": "10.0.0.1", "gpu-b": "10.0.0.2"}
+    )
+    addressed = [dict(s.labels) for s in found if s.name == "rackserve_node_address"]
+    assert addressed == [{"node": "gpu-a", "ip": "10.0.0.1"}]  # gpu-b is not alive

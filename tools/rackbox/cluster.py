@@ -29,8 +29,9 @@ RAY_VARS: dict[str, Any] = {
 
 # The .debs site.yml installs on a CPU host beyond the base image: python_env's C++ compiler and
 # Python headers (vLLM's CPU build compiles at the first request), nftables (the firewalls) and
-# the monitoring role's Prometheus and node exporter. They go into the image's apt cache (Rack(prefetch=...)), so that the offline hosts
-# install them with apt, from there, as an air-gapped rack does from its mirror.
+# the monitoring role's Prometheus and node exporter. They go into the image's apt cache
+# (Rack(prefetch=...)), so that the offline hosts install them with apt, from there, as an
+# air-gapped rack does from its mirror.
 SITE_DEBS = ("g++", "python3-dev", "nftables", "prometheus", "prometheus-node-exporter")
 
 _NODES_SCRIPT = """
