@@ -362,23 +362,33 @@ def controller(
 def status(
     address: AddressOption = "auto", state_dir: StateDirOption = None, json_out: JsonOption = None
 ) -> None:
-    """Each deployed model's node, GPUs, state and health; exit 4 if any is not serving."""
+    """Each deployed model's node, GPUs, state, health and memory; exit 4 if any is not serving.
+
+    Memory: what the plan booked against what the engine holds (NVML per process on GPUs,
+    resident memory on CPU nodes), flagged "over booking" or "wasted" (far under it).
+    """
     require("ray.serve", "status")
     check_output_target(json_out)
+    from deployer.serving.engine_memory import memory_drift  # noqa: PLC0415 - needs Ray
     from deployer.serving.launch import model_statuses  # noqa: PLC0415 - needs Ray
     from deployer.serving.state import FileStateStore  # noqa: PLC0415
 
     state_dir = state_dir_or_default(state_dir)
     statuses = model_statuses(address, state_dir=state_dir)
+    drifts = memory_drift(address, state_dir=state_dir) if statuses else []
     events = FileStateStore(state_dir).events() if state_dir else []
     if json_out:
-        document = {"models": [dataclasses.asdict(s) for s in statuses], "events": events}
-        _write_json(json_out, document)
+        models = [
+            dataclasses.asdict(s)
+            | {"memory": [dataclasses.asdict(d) for d in drifts if d.model_id == s.model_id]}
+            for s in statuses
+        ]
+        _write_json(json_out, {"models": models, "events": events})
     if json_out != "-":  # on stdout, the JSON is all
         if events:
             console.print(events_table(events))
         if statuses:
-            console.print(status_table(statuses))
+            console.print(status_table(statuses, drifts))
         else:
             console.print(f"no {APP_NAME!r} application is deployed")
     if not all(s.healthy for s in statuses):

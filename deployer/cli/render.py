@@ -18,6 +18,7 @@ from rich.text import Text
 from deployer.config.cluster import Cluster
 from deployer.config.units import GIB, MIB
 from deployer.errors import printable
+from deployer.planning.drift import Drift
 from deployer.planning.estimate import MemoryEstimate
 from deployer.planning.model_load import ModelLoad
 from deployer.planning.placement import DeviceFill, Plan
@@ -216,11 +217,36 @@ def print_plan(console: Console, plan: Plan, full: bool = False) -> None:
         )
 
 
-def status_table(statuses: Sequence[ModelStatus]) -> Table:
-    """`rackserve status`: one row per deployed model."""
-    table = Table(title=f"Application {APP_NAME!r}", title_justify="left")
-    for column in ("model", "node", "GPUs", "state", "healthy", "since", "restarts", "message"):
-        table.add_column(column, justify="right" if column == "restarts" else "left")
+def memory_cells(drifts: Sequence[Drift]) -> tuple[str, str, Text]:
+    """One model's memory over its devices: booked and used GiB, and the drift check's flag.
+
+    Used is "-" unless every device was measured; the flag is "over booking" when any device is
+    over, else "wasted" when any is far under, "ok" when all are within, else "-".
+    """
+    if not drifts:
+        return "-", "-", Text("-")
+    used = [d.used_bytes for d in drifts if d.used_bytes is not None]
+    verdicts = {d.verdict for d in drifts}
+    if "over" in verdicts:
+        flag = Text("over booking", style="bold red")
+    elif "under" in verdicts:
+        flag = Text("wasted", style="yellow")
+    else:
+        flag = Text("ok" if verdicts == {"ok"} else "-")
+    return (
+        _gib(sum(d.booked_bytes for d in drifts)),
+        _gib(sum(used)) if len(used) == len(drifts) else "-",
+        flag,
+    )
+
+
+def status_table(statuses: Sequence[ModelStatus], drifts: Sequence[Drift] = ()) -> Table:
+    """`rackserve status`: one row per deployed model, with its memory booked and used (GiB)."""
+    table = Table(title=f"Application {APP_NAME!r} (memory in GiB)", title_justify="left")
+    columns = ("model", "node", "GPUs", "state", "healthy", "since", "restarts")
+    for column in (*columns, "booked", "used", "memory", "message"):
+        figure = column in ("restarts", "booked", "used")
+        table.add_column(column, justify="right" if figure else "left")
     for s in statuses:
         table.add_row(
             _text(s.model_id),
@@ -230,6 +256,7 @@ def status_table(statuses: Sequence[ModelStatus]) -> Table:
             "yes" if s.healthy else Text("no", style="bold red"),
             "-" if s.since is None else _utc(s.since),
             str(s.restarts),
+            *memory_cells([d for d in drifts if d.model_id == s.model_id]),
             _text(s.message),
         )
     return table

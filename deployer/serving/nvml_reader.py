@@ -10,6 +10,7 @@ that silently dropped a GPU would mislead the planner.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,8 +41,20 @@ class NvmlMemory(Protocol):
         """Used device memory, bytes."""
 
 
+class NvmlProcess(Protocol):
+    """One entry of `nvmlDeviceGetComputeRunningProcesses`."""
+
+    @property
+    def pid(self) -> int:
+        """The process, as the NVML host numbers it."""
+
+    @property
+    def usedGpuMemory(self) -> int | None:  # noqa: N802 - pynvml's name
+        """Its memory on the device, bytes; None where NVML cannot tell (pynvml's mapping)."""
+
+
 class Nvml(Protocol):
-    """The part of the `pynvml` module this reader uses."""
+    """The part of the `pynvml` module the NVML readers use (here and `engine_memory`)."""
 
     NVMLError: type[Exception]
 
@@ -53,6 +66,9 @@ class Nvml(Protocol):
     def nvmlDeviceGetName(self, handle: Any, /) -> str | bytes: ...  # noqa: N802
     def nvmlDeviceGetUUID(self, handle: Any, /) -> str | bytes: ...  # noqa: N802
     def nvmlDeviceGetMemoryInfo(self, handle: Any, /) -> NvmlMemory: ...  # noqa: N802
+    def nvmlDeviceGetComputeRunningProcesses(  # noqa: N802
+        self, handle: Any, /
+    ) -> Sequence[NvmlProcess]: ...
 
 
 def _text(value: str | bytes) -> str:
@@ -60,8 +76,9 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
-def _load_pynvml() -> Nvml:
-    import pynvml  # noqa: PLC0415 - lazy: only the probe needs it
+def load_pynvml() -> Nvml:
+    """The `pynvml` module (ImportError where nvidia-ml-py is not installed)."""
+    import pynvml  # noqa: PLC0415 - lazy: only the NVML readers need it
 
     module: Nvml = pynvml
     return module
@@ -69,7 +86,7 @@ def _load_pynvml() -> Nvml:
 
 def read_gpus(nvml: Nvml | None = None) -> tuple[list[Gpu], str | None]:
     """The GPUs NVML sees and the driver version; `([], None)` when NVML is unavailable."""
-    nvml = _load_pynvml() if nvml is None else nvml
+    nvml = load_pynvml() if nvml is None else nvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError:
