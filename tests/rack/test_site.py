@@ -31,6 +31,7 @@ import yaml
 from tests.rack.conftest import booted, skip_or_fail
 from tools import demo_standin
 from tools.client_loop import ClientLoop, wait_answering
+from tools.prometheus import Prometheus
 from tools.rackbox import Rack, RackError, RackUnavailable, check_machine
 from tools.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
 from tools.rackbox.nspawn import nspawn_argv
@@ -275,11 +276,9 @@ def _tcp_listeners(rack: Rack, host: Any) -> dict[int, str]:
     return found
 
 
-def _firewalled_ports(rack: Rack, host: Any) -> set[int]:
-    """The ports in the firewall's set, as loaded in the kernel."""
-    listed = json.loads(
-        rack.ssh(host, "nft --json list set inet rackserve_ray ray_tcp_ports").stdout
-    )
+def _firewalled_ports(rack: Rack, host: Any, table: str = "rackserve_ray") -> set[int]:
+    """The ports in a firewall's set, as loaded in the kernel."""
+    listed = json.loads(rack.ssh(host, f"nft --json list set inet {table} ray_tcp_ports").stdout)
     ports: set[int] = set()
     for entry in listed["nftables"]:
         for element in entry.get("set", {}).get("elem", []):
@@ -296,11 +295,14 @@ def test_every_ray_port_is_firewalled_to_the_cluster_interface(
     site_rack: Rack, converged: Run
 ) -> None:
     """Ray binds GCS, raylet and metrics to every interface: each port it listens on (all but
-    sshd's) must be in the firewall's set, on the head and on a worker."""
+    sshd's) must be in the firewall's set, on the head and on a worker; so must Prometheus's
+    and node exporter's, in the monitoring table."""
     assert converged.result.ok, converged.explain()
     for host in site_rack.hosts[:2]:
         listeners = _tcp_listeners(site_rack, host)
-        unguarded = set(listeners) - {22} - _firewalled_ports(site_rack, host)
+        monitoring = _firewalled_ports(site_rack, host, "rackserve_monitoring")
+        assert {9100} | ({9090} if host.role == "head" else set()) <= monitoring, monitoring
+        unguarded = set(listeners) - {22} - _firewalled_ports(site_rack, host) - monitoring
         assert not unguarded, (host.name, sorted(unguarded), listeners)
         if host.role == "head":
             assert listeners.get(RAY_PORT) in ("*", "0.0.0.0", "[::]"), listeners  # why it exists
@@ -324,10 +326,11 @@ done
 @pytest.mark.integration
 def test_ray_ports_answer_only_on_the_cluster_interface(site_rack: Rack, converged: Run) -> None:
     """From a second network on the head (a veth into a namespace inside it), sshd answers and
-    Ray's GCS, raylet and dashboard do not; through the cluster network they do."""
+    Ray's GCS, raylet and dashboard, Prometheus and node exporter do not; through the cluster
+    network they do."""
     assert converged.result.ok, converged.explain()
     head = site_rack.hosts[0]
-    ports = [22, RAY_PORT, 8076, 8077, 8080, 8265]
+    ports = [22, RAY_PORT, 8076, 8077, 8080, 8265, 9090, 9100]
     args = " ".join(map(str, ports))
     probe = site_rack.ssh(head, f"bash -c {shlex.quote(PROBE_SCRIPT)} probe {args}")
     answers = dict(line.split() for line in probe.stdout.splitlines())
@@ -508,6 +511,57 @@ def _wait_for(what: str, check: Any, timeout_s: float = 300) -> Any:
     return found
 
 
+def _scraped(rack: Rack) -> set[tuple[str, str]]:
+    """The head Prometheus's scrape targets, as (job, instance): Ray's list (every node's
+    metrics agent, and the head's autoscaler and dashboard, ray_head's defaults), node exporter
+    on every host, the controller's exporter and Prometheus itself."""
+    head = rack.hosts[0].ip
+    return {
+        ("prometheus", f"{head}:9090"),
+        ("rackserve", f"{head}:9750"),
+        ("ray", f"{head}:44217"),
+        ("ray", f"{head}:44227"),
+        *(("ray", f"{host.ip}:8080") for host in rack.hosts),
+        *(("node", f"{host.ip}:9100") for host in rack.hosts),
+    }
+
+
+def _check_prometheus(rack: Rack, models: list[str], lost: str, unplaced: str, stayed: str) -> None:
+    """The monitoring role's Prometheus on the head scrapes every target, sees each model
+    serving through the controller's gauges, recorded the lost node as not alive, and its
+    alert rules saw the model left unplaced not serving (pending, at least) and not the one
+    that stayed."""
+    prometheus = Prometheus(f"http://{rack.hosts[0].ip}:9090")
+    expected = _scraped(rack)
+    seen: list[str] = []
+
+    def healthy() -> bool:
+        targets = prometheus.targets()
+        seen[:] = sorted(
+            f"{t['labels']['job']} {t['labels']['instance']} {t['health']} {t['lastError']}"
+            for t in targets
+        )
+        up = {(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] == "up"}
+        return up == expected and len(targets) == len(expected)
+
+    try:
+        _wait_for("Prometheus scraping every target", healthy, timeout_s=120)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; expected {sorted(expected)}, saw {seen}") from None
+    every = dict.fromkeys(models, 1.0)
+    _wait_for(
+        "every model serving in Prometheus",
+        lambda: prometheus.values("rackserve_model_serving", "model") == every,
+    )
+    alive = prometheus.values(f'min_over_time(rackserve_node_alive{{node="{lost}"}}[30m])', "node")
+    assert alive == {lost: 0.0}, alive
+    alerted = prometheus.values(
+        'max_over_time(ALERTS{alertname="RackserveModelNotServing"}[30m])', "model"
+    )
+    assert unplaced in alerted, alerted
+    assert stayed not in alerted, alerted
+
+
 @pytest.mark.integration
 def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run) -> None:
     """Three models deployed by deploy_models (the stand-in engine, 2 logical GPUs per worker,
@@ -576,6 +630,7 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
         assert any(e["event"] == "reconcile" and e["lost"] == [victim.name] for e in events)
         assert any(e["event"] == "unplaced" for e in events), events
         after_worker = _deployed_on(site_rack)
+        _check_prometheus(site_rack, models, victim.name, unplaced, stay)
 
         seen = _outage(site_rack, [head], models)
         print(f"head power cut: {seen}")
@@ -617,7 +672,8 @@ def test_reset_twice_then_site_converges_again(site_rack: Rack, converged: Run) 
             host,
             "systemctl list-units --all --no-legend 'rackserve-*'; "
             "ls -d /opt/rackserve /var/lib/rackserve /etc/rackserve /usr/local/bin/rackserve "
-            "/etc/systemd/system/rackserve-* 2>/dev/null; pgrep -a raylet; true",
+            "/etc/systemd/system/rackserve-* 2>/dev/null; pgrep -a raylet; pgrep -a prometheus; "
+            "true",
         )
         assert left.stdout.strip() == "", f"{host.name} after reset:\n{left.stdout}"
 
