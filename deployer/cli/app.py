@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ from deployer.cli.options import (
 )
 from deployer.cli.render import (
     cluster_table,
+    diff_table,
     estimates_table,
     events_table,
     plain_lines,
@@ -37,7 +39,7 @@ from deployer.cli.render import (
 )
 from deployer.config.cluster import dump_cluster, load_cluster
 from deployer.config.models_config import load_models
-from deployer.errors import ExitCode, RackserveError
+from deployer.errors import ConfigError, ExitCode, RackserveError
 from deployer.planning.placement import DEFAULT_RESERVE_GIB
 from deployer.planning.serve_config import APP_NAME, DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
 from deployer.planning.workflow import plan_models
@@ -118,14 +120,15 @@ def estimate(models: ModelsOption = None, json_out: JsonOption = None) -> None:
 @app.command()
 def plan(
     cluster: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--cluster",
             "-c",
-            help="Cluster file (YAML or JSON), as `probe` writes.",
+            help="Cluster file (YAML or JSON), as `probe` writes (required unless "
+            "--against-running, which probes when it is not given).",
             dir_okay=False,
         ),
-    ],
+    ] = None,
     models: ModelsOption = None,
     json_out: JsonOption = None,
     reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
@@ -135,10 +138,29 @@ def plan(
             "--full", help="One row per model and per GPU even at rack scale (default: by node)."
         ),
     ] = False,
+    against_running: Annotated[
+        bool,
+        typer.Option(
+            "--against-running",
+            help="Plan against what the Ray cluster at --address runs and print, per model, "
+            "keep, start, stop, restart or move (`deploy --diff`); needs Ray.",
+        ),
+    ] = False,
+    address: AddressOption = "auto",
+    state_dir: StateDirOption = None,
 ) -> None:
     """Place the models on the cluster's GPUs; exit 3 if some model does not fit."""
     check_output_target(json_out)
     registry = load_models(models)
+    if against_running:
+        _deploy_diff(registry, address, cluster, reserve_gib, state_dir)
+        return
+    if cluster is None:
+        raise ConfigError(
+            ["plan needs --cluster FILE (as `rackserve probe --json` writes), or "
+             "--against-running to plan against the Ray cluster at --address"],
+            source="the command line",
+        )  # fmt: skip
     the_cluster = load_cluster(cluster)
     result = plan_models(the_cluster, registry, estimate_models(registry), reserve_gib)
     if json_out != "-":
@@ -244,9 +266,33 @@ def deploy(
     ] = "vllm",
     cluster: ClusterFileOption = None,
     state_dir: StateDirOption = None,
+    diff: Annotated[
+        bool,
+        typer.Option(
+            "--diff",
+            help="Print what deploying would do to each model (keep, start, stop, restart, "
+            "move, and why); launch nothing.",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes",
+            "-y",
+            help="Stop, restart or move running models without asking (needed without a terminal).",
+        ),
+    ] = False,
 ) -> None:
-    """Probe, plan and launch the models as one OpenAI-compatible Ray Serve application."""
+    """Probe, plan and launch the models: an engine application each, one OpenAI endpoint.
+
+    Prints the plan and, per model, keep, start, stop, restart or move. When a running model
+    would stop, restart or move, it asks first on a terminal; without one it refuses (exit 2)
+    unless --yes.
+    """
     require("ray.serve", "deploy")
+    if diff:
+        _deploy_diff(load_models(models), address, cluster, reserve_gib, state_dir)
+        return
     from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray
     from deployer.serving.launch import deploy as run_deploy  # noqa: PLC0415
 
@@ -261,8 +307,48 @@ def deploy(
         engine=engine,
         cluster=load_cluster(cluster) if cluster else None,
         state_dir=state_dir_or_default(state_dir),
+        yes=yes,
     )
-    run_deploy(registry, options, plain_lines(console), lambda plan: print_plan(console, plan))
+    run_deploy(
+        registry,
+        options,
+        plain_lines(console),
+        lambda plan: print_plan(console, plan),
+        on_diff=lambda changes: console.print(diff_table(changes)),
+        confirm=_confirm_on_terminal,
+    )
+
+
+def _confirm_on_terminal(changes: Sequence[Any]) -> bool:
+    """Ask on the terminal whether to interrupt `changes`; False without a terminal."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False
+    return typer.confirm(f"Interrupt {len(changes)} running model(s) as shown above?")
+
+
+def _deploy_diff(
+    registry: Any, address: str, cluster: Path | None, reserve_gib: float, state_dir: Path | None
+) -> None:
+    """`deploy --diff` and `plan --against-running`: the plan against what runs, per model."""
+    require("ray.serve", "deploy --diff")
+    from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray
+    from deployer.serving.launch import deploy as run_deploy  # noqa: PLC0415
+
+    options = DeployOptions(
+        address,
+        plan_only=True,
+        allow_partial=True,
+        reserve_gib=reserve_gib,
+        cluster=load_cluster(cluster) if cluster else None,
+        state_dir=state_dir_or_default(state_dir),
+    )
+    run_deploy(
+        registry,
+        options,
+        plain_lines(console),
+        lambda plan: None,
+        on_diff=lambda changes: console.print(diff_table(changes)),
+    )
 
 
 GraceOption = Annotated[

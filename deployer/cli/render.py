@@ -22,6 +22,7 @@ from deployer.planning.drift import Drift
 from deployer.planning.estimate import MemoryEstimate
 from deployer.planning.model_load import ModelLoad
 from deployer.planning.placement import DeviceFill, Plan
+from deployer.planning.plan_diff import DISRUPTIVE, ModelChange
 from deployer.planning.serve_config import APP_NAME
 
 if TYPE_CHECKING:
@@ -215,6 +216,26 @@ def print_plan(console: Console, plan: Plan, full: bool = False) -> None:
             ),
             soft_wrap=True,
         )
+
+
+ACTION_STYLES = {"keep": "green", "start": "cyan", "unplaced": "yellow"}
+
+
+def diff_table(changes: Sequence[ModelChange]) -> Table:
+    """`deploy --diff`: per model what the deploy does to it, from where to where, and why."""
+    table = Table(title="What this deploy does", title_justify="left")
+    for column in ("model", "action", "from", "to", "why"):
+        table.add_column(column)
+    for c in changes:
+        style = "bold red" if c.action in DISRUPTIVE else ACTION_STYLES.get(c.action, "")
+        table.add_row(
+            _text(c.model_id),
+            Text(c.action, style=style),
+            _text(c.before or "-"),
+            _text(c.after or "-"),
+            _text(c.why),
+        )
+    return table
 
 
 def memory_cells(drifts: Sequence[Drift]) -> tuple[str, str, Text]:

@@ -24,6 +24,7 @@ from deployer.config.models_config import ModelManager
 from deployer.errors import ConfigError, ExitCode, RackserveError
 from deployer.planning.estimate import MemoryEstimate
 from deployer.planning.placement import DEFAULT_RESERVE_GIB, Plan
+from deployer.planning.plan_diff import ModelChange, disruptive, plan_diff
 from deployer.planning.redeploy import Deployed, models_document, replan
 from deployer.planning.serve_config import (
     APP_NAME,
@@ -56,6 +57,12 @@ class LaunchError(RackserveError):
     """Ray Serve could not start or update the application."""
 
 
+class NotConfirmedError(RackserveError):
+    """The deploy would interrupt running engines and nobody confirmed it; nothing changed."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
 class UnplacedError(RackserveError):
     """Some model does not fit; nothing was launched."""
 
@@ -82,6 +89,8 @@ class DeployOptions:
     """How long a deploy waits for another one holding the state directory's lock."""
     lost: tuple[str, ...] = ()
     """Nodes gone: plan without them, and start their engines elsewhere (reconcile)."""
+    yes: bool = False
+    """Stop, restart or move running engines without asking (`--yes`; the controller)."""
 
 
 def _start_engines(specs: Sequence[EngineSpec], say: Say, engine: Engine) -> None:
@@ -115,8 +124,16 @@ def deploy(
     on_plan: Callable[[Plan], None],
     store: StateStore | None = None,
     lock_held: bool = False,
+    on_diff: Callable[[list[ModelChange]], None] | None = None,
+    confirm: Callable[[list[ModelChange]], bool] | None = None,
 ) -> Plan | None:
-    """Probe, estimate, plan, show the plan (`on_plan`), then launch it (unless plan_only).
+    """Probe, estimate, plan, show it (`on_plan`, `on_diff`), then launch it (unless plan_only).
+
+    `on_diff` gets what the deploy does to each model (keep, start, stop, restart, move).
+
+    When the launch would stop, restart or move a running engine, `confirm` is asked first
+    (None: nobody can be asked) unless `options.yes`; refused, NotConfirmedError, and nothing
+    changes.
 
     Returns the plan, or None when the same models are already deployed (nothing changes).
 
@@ -134,7 +151,9 @@ def deploy(
     with disk.lock(options.lock_wait_s) if disk and not lock_held else contextlib.nullcontext():
         connect(options.address)
         try:
-            return _deploy(models, options, say, on_plan, store, disk, estimates, prefix)
+            return _deploy(
+                models, options, say, (on_plan, on_diff, confirm), store, disk, estimates, prefix
+            )
         finally:
             ray.shutdown()
 
@@ -143,7 +162,11 @@ def _deploy(
     models: ModelManager,
     options: DeployOptions,
     say: Say,
-    on_plan: Callable[[Plan], None],
+    shown: tuple[
+        Callable[[Plan], None],
+        Callable[[list[ModelChange]], None] | None,
+        Callable[[list[ModelChange]], bool] | None,
+    ],
     store: StateStore | None,
     disk: FileStateStore | None,
     estimates: Sequence[MemoryEstimate],
@@ -183,7 +206,13 @@ def _deploy(
         lost=options.lost,
     )
     plan = change.plan
+    on_plan, on_diff, confirm = shown
     on_plan(plan)
+    changes = plan_diff(
+        deployed if running else None, engines_running, change, document, options.lost
+    )
+    if on_diff is not None:
+        on_diff(changes)
     if plan.unplaced and options.plan_only:
         raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
     if options.plan_only:
@@ -192,6 +221,13 @@ def _deploy(
         raise UnplacedError(
             f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
             "launched. Pass --allow-partial to launch the others."
+        )
+    interrupted = disruptive(changes)
+    if interrupted and not options.yes and (confirm is None or not confirm(interrupted)):
+        named = ", ".join(f"{c.model_id} ({c.action})" for c in interrupted)
+        raise NotConfirmedError(
+            f"this deploy would interrupt {len(interrupted)} running model(s): {named}; "
+            "nothing was changed. Confirm on a terminal, or pass --yes."
         )
     serve.start(
         proxy_location=proxy_location(options.http_host),

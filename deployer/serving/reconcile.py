@@ -90,6 +90,7 @@ def act(
         options.deploy,
         allow_partial=True,
         plan_only=False,
+        yes=True,  # the controller moves what a lost node held: that is its job
         lost=(*decision.lost, *_down_in_file(options.deploy, decision.lost, alive)),
         engine="standin" if desired.engine == "standin" else "vllm",
         http_host=str(settings.get("http_host", options.deploy.http_host)),

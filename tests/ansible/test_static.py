@@ -752,6 +752,7 @@ def test_deploy_models_command_line() -> None:
         "--address", "10.20.0.10:6380", "--state-dir", "/var/lib/rackserve/state",
     ]  # fmt: skip
     assert evaluate("deploy_models", "deploy_models_base_argv", variables) == deploy
+    assert evaluate("deploy_models", "deploy_models_deploy_argv", variables) == [*deploy, "--yes"]
     assert evaluate("deploy_models", "deploy_models_plan_argv", variables) == [
         *deploy,
         "--plan-only",

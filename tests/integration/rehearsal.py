@@ -65,6 +65,7 @@ def deploy_standin(
         engine="standin",
         cluster=parse_cluster(cluster, source="cluster file"),
         state_dir=Path(state_dir) if state_dir else None,
+        yes=True,  # the rehearsals redeploy changed lists: they stop and move engines
     )
     registry = ModelManager([ModelConfig.model_validate(m) for m in models])
     console = Console(file=out, width=160)

@@ -1,0 +1,115 @@
+"""The plan diff: per model keep, start, stop, restart or move, and why, from real re-plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployer.config.cluster import Cluster
+from deployer.config.models_config import ModelManager
+from deployer.planning.plan_diff import ModelChange, changed_fields, disruptive, plan_diff
+from deployer.planning.redeploy import Deployed, models_document, replan
+from deployer.sources.estimates import estimate_models
+from tests.unit.test_redeploy import CLUSTER, deploy, models, node, record
+
+pytestmark = pytest.mark.unit
+
+X = "{model_id: x, gpu_memory_gib: 30}"
+Y = "{model_id: y, gpu_memory_gib: 30}"
+
+
+def diff(
+    wanted: ModelManager,
+    before: Deployed | None,
+    cluster: Cluster = CLUSTER,
+    lost: tuple[str, ...] = (),
+) -> dict[str, ModelChange]:
+    running = list(before.engines) if before else []
+    change = replan(cluster, wanted, estimate_models(wanted), before, running, 0.0, lost=lost)
+    found = plan_diff(before, running, change, models_document(wanted), lost)
+    return {c.model_id: c for c in found}
+
+
+def deployed(*lines: str) -> Deployed:
+    wanted = models(*lines)
+    return record(wanted, deploy(wanted, None))
+
+
+def test_nothing_changed_keeps_every_model_in_place() -> None:
+    before = deployed(X, Y)
+    changes = diff(models(X, Y), before)
+    assert {m: c.action for m, c in changes.items()} == {"x": "keep", "y": "keep"}
+    assert changes["x"].before == changes["x"].after != ""
+    assert disruptive(list(changes.values())) == []
+
+
+def test_a_new_model_starts_and_a_removed_one_stops() -> None:
+    changes = diff(models(X, "{model_id: z, gpu_memory_gib: 10}"), deployed(X, Y))
+    assert (changes["z"].action, changes["z"].why, changes["z"].before) == ("start", "new", "")
+    assert changes["z"].after.startswith(("a GPUs ", "b GPUs "))
+    assert (changes["y"].action, changes["y"].why, changes["y"].after) == (
+        "stop",
+        "removed from the models",
+        "",
+    )
+    # x shared y's GPU: with y gone the plan gives x more KV cache, which restarts it, said so
+    assert (changes["x"].action, changes["x"].why) == (
+        "restart",
+        "launch description changed: engine_kwargs.gpu_memory_utilization",
+    )
+    assert [c.model_id for c in disruptive(list(changes.values()))] == ["x", "y"]
+
+
+def test_a_changed_setting_restarts_in_place_and_names_the_field() -> None:
+    before = deployed(X, Y)
+    changes = diff(models(X, "{model_id: y, gpu_memory_gib: 30, max_model_len: 4096}"), before)
+    assert changes["x"].action == "keep"
+    assert changes["y"].action == "restart", changes["y"]
+    assert changes["y"].before == changes["y"].after
+    assert changes["y"].why == "changed: max_model_len"
+
+
+def test_a_model_that_grows_past_its_gpu_moves_and_says_from_where_to_where() -> None:
+    before = deployed(X, Y)
+    changes = diff(models(X, "{model_id: y, gpu_memory_gib: 30, tensor_parallel_size: 2}"), before)
+    moved = changes["y"]
+    assert moved.action == "move", moved
+    assert moved.before != moved.after
+    assert moved.after.count(",") == 1  # two GPUs now
+    assert "tensor_parallel_size" in moved.why
+
+
+def test_a_lost_nodes_models_move_and_say_the_node_is_lost() -> None:
+    only_b = Cluster(nodes=[node("b", 2)])
+    wanted = models(X, Y)
+    before = record(wanted, deploy(wanted, None, only_b))
+    changes = diff(wanted, before, Cluster(nodes=[node("a", 4)]), lost=("b",))
+    for model_id in ("x", "y"):
+        moved = changes[model_id]
+        assert (moved.action, moved.why) == ("move", "node b is lost"), moved
+        assert moved.before.startswith("b GPUs ")
+        assert moved.after.startswith("a GPUs ")
+
+
+def test_a_model_pinned_to_a_lost_node_stops_with_the_reason() -> None:
+    wanted = models(
+        "{model_id: x, gpu_memory_gib: 30, node: a}", "{model_id: y, gpu_memory_gib: 30, node: b}"
+    )
+    before = record(wanted, deploy(wanted, None))
+    changes = diff(wanted, before, Cluster(nodes=[node("a", 4)]), lost=("b",))
+    assert changes["y"].action == "stop"
+    assert "lost" in changes["y"].why
+    assert changes["x"].action == "keep"
+
+
+def test_a_model_that_does_not_fit_and_does_not_run_is_unplaced_not_stopped() -> None:
+    changes = diff(models(X, "{model_id: huge, gpu_memory_gib: 4096}"), None)
+    assert changes["x"].action == "start"
+    assert changes["huge"].action == "unplaced"
+    assert changes["huge"].why
+
+
+def test_changed_fields_gives_dotted_paths() -> None:
+    before = {"a": 1, "engine_kwargs": {"max_model_len": 1, "dtype": "auto"}}
+    after = {"a": 1, "engine_kwargs": {"max_model_len": 2, "dtype": "auto", "seed": 0}}
+    assert changed_fields(before, after) == ["engine_kwargs.max_model_len", "engine_kwargs.seed"]
+    assert changed_fields(None, {"a": 1}) == [""]
