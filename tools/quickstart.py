@@ -129,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = answer["choices"][0]["message"]["content"]
             print(f"\nPOST /v1/chat/completions model={model_id}\n  -> {text!r}", flush=True)
         rackserve("status", "--address", cluster.address)
+        print("\nrackserve top --once: the engines' figures, from Ray's metrics", flush=True)
+        rackserve("top", "--once", "--interval-s", "1", "--address", cluster.address)
     print(f"\nquickstart done in {time.monotonic() - started:.0f} s; Ray stopped", flush=True)
     return 0
 
