@@ -96,6 +96,13 @@ def bench_serving(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
+def bench_metrics(session: nox.Session) -> None:
+    """Tokens/s with the engines' per-model metrics on against off (Ray Serve LLM, one run)."""
+    install_serve_stack(session)
+    session.run("python", "benchmarks/metrics_cost.py", *session.posargs, env=REPO_ON_PATH)
+
+
+@nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
 def bench_recovery(session: nox.Session) -> None:
     """Seconds until every model answers again after each fault, against a fresh deploy."""
     install_serve_stack(session)
@@ -112,11 +119,20 @@ def bench_bootstrap(session: nox.Session) -> None:
 @nox.session(
     venv_backend="none",
     default=False,
-    requires=["bench_placement", "bench_serving", "bench_recovery", "bench_bootstrap"],
+    requires=[
+        "bench_placement",
+        "bench_serving",
+        "bench_metrics",
+        "bench_recovery",
+        "bench_bootstrap",
+    ],
 )
 def bench(session: nox.Session) -> None:
     """All benchmarks (not timed tests); their figures go in the README."""
-    session.log("benchmarks done: bench_placement, bench_serving, bench_recovery, bench_bootstrap")
+    session.log(
+        "benchmarks done: bench_placement, bench_serving, bench_metrics, bench_recovery, "
+        "bench_bootstrap"
+    )
 
 
 @nox.session(python=PYTHON, default=False)
