@@ -19,7 +19,8 @@ import os
 import re
 import socket
 import sys
-from typing import Any, NamedTuple
+import time
+from typing import Any, NamedTuple, NoReturn
 
 from deployer.config.cluster import NODE_LABEL, Cluster, Node
 from deployer.config.documents import duplicates
@@ -79,23 +80,42 @@ def connect(address: str) -> None:
     temp_dir = os.environ.get(RAY_TEMP_DIR_ENV)
     if address == "auto" and temp_dir:
         kwargs["_temp_dir"] = temp_dir  # where `ray start` wrote the current cluster's address
-    try:
-        ray.init(
-            address=address,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            namespace="rackserve",
-            **kwargs,
-        )
-    except (OSError, RuntimeError, ValueError) as exc:
-        ray.shutdown()  # a half-made connection must not linger
-        raise ProbeError(
-            f"cannot connect to the Ray cluster at {address}: {str(exc).rstrip('.')}. Run this "
-            "on a node of the cluster (one where `ray start` ran), or use Ray Client "
-            "(ray://HEAD:10001); "
-            f"with 'auto', set RAY_ADDRESS or {RAY_TEMP_DIR_ENV} to the cluster's."
-        ) from None
+    for attempt in range(CLIENT_ATTEMPTS):
+        try:
+            ray.init(
+                address=address,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                namespace="rackserve",
+                **kwargs,
+            )
+            break
+        except (OSError, RuntimeError, ValueError) as exc:
+            ray.shutdown()  # a half-made connection must not linger
+            if _client_server_failed(address, exc) and attempt + 1 < CLIENT_ATTEMPTS:
+                time.sleep(CLIENT_RETRY_S)
+                continue
+            _refuse(address, exc)
     _forget_serve_controller()
+
+
+CLIENT_ATTEMPTS = 3
+"""Ray Client's proxy starts a server process for each connection; one that dies as it starts
+("Initialization failure from server", seen under load) is worth another try."""
+CLIENT_RETRY_S = 2.0
+
+
+def _client_server_failed(address: str, exc: Exception) -> bool:
+    return address.startswith("ray://") and "Initialization failure from server" in str(exc)
+
+
+def _refuse(address: str, exc: Exception) -> NoReturn:
+    raise ProbeError(
+        f"cannot connect to the Ray cluster at {address}: {str(exc).rstrip('.')}. Run this "
+        "on a node of the cluster (one where `ray start` ran), or use Ray Client "
+        "(ray://HEAD:10001); "
+        f"with 'auto', set RAY_ADDRESS or {RAY_TEMP_DIR_ENV} to the cluster's."
+    ) from None
 
 
 def _forget_serve_controller() -> None:
