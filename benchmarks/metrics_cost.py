@@ -15,47 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.serving import throughput, wait_answering
+from benchmarks.serving import hand_written_app, throughput, wait_answering
 from tools.local_ray import HEAD_IP, start_ray_cluster, temp_root
-from tools.quickstart import DEFAULT_CACHE, ENGINE, build_models
-
-APP = """
-import sys
-from ray import serve
-from ray.serve.llm import LLMConfig, build_openai_app
-import ray
-
-address, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-serve.start(proxy_location="HeadOnly", http_options={"host": HEAD_IP, "port": port})
-configs = [
-    LLMConfig(
-        model_loading_config={"model_id": model_id, "model_source": source},
-        accelerator_config={"kind": "cpu"},
-        placement_group_config={"bundles": [{"CPU": 1}], "strategy": "STRICT_PACK"},
-        deployment_config={
-            "placement_group_bundle_label_selector": [{"rackserve/node": node}],
-            "ray_actor_options": {"num_cpus": 0},
-        },
-        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
-        log_engine_metrics=metrics,
-        engine_kwargs={
-            "max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS, "dtype": "bfloat16",
-            "enforce_eager": True, "kv_cache_memory_bytes": 64 * 1024**2,
-            **({} if metrics else {"disable_log_stats": True}),
-        },
-    )
-    for model_id, node, metrics in (("metrics-on", "head", True), ("metrics-off", "worker", False))
-]
-app = build_openai_app({"llm_configs": configs,
-                        "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
-serve.run(app, name="metrics-cost", route_prefix="/")
-"""
+from tools.quickstart import DEFAULT_CACHE, build_models
 
 
 def main() -> None:
@@ -69,21 +34,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     source = build_models(args.cache)["tiny-a"]
-    app = (
-        APP.replace("HEAD_IP", repr(HEAD_IP))
-        .replace("MAX_MODEL_LEN", str(ENGINE["max_model_len"]))
-        .replace("MAX_NUM_SEQS", str(ENGINE["max_num_seqs"]))
-    )
     url = f"http://{HEAD_IP}:8000"
     rates: dict[str, list[float]] = {"metrics-on": [], "metrics-off": []}
     with temp_root("rs-bench-") as base, start_ray_cluster(base) as cluster:
         start = time.monotonic()
-        subprocess.run(
-            [sys.executable, "-c", app, cluster.address, "8000", str(source)],
-            check=True,
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
+        hand_written_app(
+            cluster.address,
+            8000,
+            "metrics-cost",
+            [
+                {"model_id": "metrics-on", "source": str(source), "node": "head"},
+                {"model_id": "metrics-off", "source": str(source), "node": "worker"}
+                | {"metrics": False},
+            ],
         )
         wait_answering(url, list(rates))
         print(f"both engines answering after {time.monotonic() - start:.0f} s", flush=True)

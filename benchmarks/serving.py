@@ -39,35 +39,46 @@ from tools.quickstart import (
 )
 
 HAND_WRITTEN = """
-import sys
+import json, sys
 from ray import serve
 from ray.serve.llm import LLMConfig, build_openai_app
 import ray
 
-address, port, a, b = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+address, port, name, engines = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.2", "port": port})
 configs = [
     LLMConfig(
-        model_loading_config={"model_id": model_id, "model_source": source},
+        model_loading_config={"model_id": e["model_id"], "model_source": e["source"]},
         accelerator_config={"kind": "cpu"},
         placement_group_config={"bundles": [{"CPU": 1}], "strategy": "STRICT_PACK"},
         deployment_config={
-            "placement_group_bundle_label_selector": [{"rackserve/node": node}],
+            "placement_group_bundle_label_selector": [{"rackserve/node": e["node"]}],
             "ray_actor_options": {"num_cpus": 0},
         },
         runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
+        log_engine_metrics=e.get("metrics", True),
         engine_kwargs={
             "max_model_len": 512, "max_num_seqs": 8, "dtype": "bfloat16",
             "enforce_eager": True, "kv_cache_memory_bytes": 64 * 1024**2,
+            **({} if e.get("metrics", True) else {"disable_log_stats": True}),
         },
     )
-    for model_id, source, node in (("tiny-a", a, "head"), ("tiny-b", b, "worker"))
+    for e in engines
 ]
 app = build_openai_app({"llm_configs": configs,
                         "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
-serve.run(app, name="hand", route_prefix="/")
+serve.run(app, name=name, route_prefix="/")
 """
+
+
+def hand_written_app(address: str, port: int, name: str, engines: list[dict[str, Any]]) -> None:
+    """Deploy `engines` (model_id, source, node, and metrics: False to turn the engine metrics
+    and vLLM's stat logging off) as a hand-written Ray Serve LLM application named `name`."""
+    run(
+        [sys.executable, "-c", HAND_WRITTEN, address, str(port), name, json.dumps(engines)],
+        capture_output=True,
+    )
 
 
 # `vllm serve MODEL ...`. The `vllm` command looks up its version under the distribution name
@@ -199,14 +210,15 @@ def main() -> None:
         print(f"measured rackserve: {results}", flush=True)
     with temp_root("rs-bench-") as base, start_ray_cluster(base) as cluster:
         start = time.monotonic()
-        hand = [
-            HAND_WRITTEN,
+        hand_written_app(
             cluster.address,
-            "8000",
-            str(sources["tiny-a"]),
-            str(sources["tiny-b"]),
-        ]
-        run([sys.executable, "-c", *hand], capture_output=True)
+            8000,
+            "hand",
+            [
+                {"model_id": "tiny-a", "source": str(sources["tiny-a"]), "node": "head"},
+                {"model_id": "tiny-b", "source": str(sources["tiny-b"]), "node": "worker"},
+            ],
+        )
         wait_answering(url, list(sources))
         results["hand_deploy_s"] = time.monotonic() - start
         print(f"measured hand-written: {results['hand_deploy_s']:.1f} s", flush=True)
