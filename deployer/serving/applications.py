@@ -71,34 +71,24 @@ def engine_application(spec: EngineSpec, engine: Engine = "vllm") -> Any:
     return deployment.options(func_or_class=StandInEngine).bind(llm_config=config.model_dump())
 
 
-def ingress_key(
-    specs: Sequence[EngineSpec], prefix: str, cpu_only: bool, every_node: bool = False
-) -> str:
+def ingress_key(specs: Sequence[EngineSpec], prefix: str, cpu_only: bool) -> str:
     """What the ingress application is built from, besides where the engines run.
 
     Two deploys with the same key need not restart the ingress: it holds handles to the
-    engines' applications by name, and lists the same model cards. Whether it runs on every
-    node is part of the key; how many nodes there are is not (Serve replaces a lost node's
-    replica elsewhere, and a node that joins gets one at the next change of models).
+    engines' applications by name, and lists the same model cards.
     """
     cards = sorted(
         (s.model_id, s.llm_config.get("engine_kwargs", {}).get("max_model_len")) for s in specs
     )
     key: dict[str, Any] = {"cards": cards, "prefix": prefix, "cpu_only": cpu_only}
-    if every_node:
-        key["every_node"] = True
     return json.dumps(key, default=str)
 
 
-def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool, every_node: int = 0) -> Any:
+def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
     """The ingress over handles to the engines' applications, as `build_openai_app` builds it.
 
     The class is `RackserveIngress` (`deployer.serving.ingress`): Serve LLM's `OpenAiIngress`
-    answering a prompt 503 for a model with no running engine. With `every_node` (the number of
-    nodes, when Serve runs a proxy on each) it runs that many replicas, which Serve spreads one
-    per node; each proxy prefers its own node's replica, so a node's port keeps serving the
-    models that live through the loss of another node, the head included. Otherwise one
-    replica, on the head, beside the only proxy.
+    answering a prompt 503 for a model with no running engine. One replica, on the head.
     """
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
@@ -110,11 +100,8 @@ def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool, every_node:
     configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
     options = OpenAiIngress.get_deployment_options(configs)
     actor = dict(options.get("ray_actor_options", {}))
-    if every_node > 1:
-        options.pop("autoscaling_config", None)
-        options["num_replicas"] = every_node
-    else:  # losing a worker then never takes the ingress, and every model's requests, away
-        actor["resources"] = {**actor.get("resources", {}), HEAD_NODE_RESOURCE: 0.001}
+    # losing a worker then never takes the ingress, and every model's requests, away
+    actor["resources"] = {**actor.get("resources", {}), HEAD_NODE_RESOURCE: 0.001}
     if cpu_only:  # keep two models within 2-CPU nodes (docs/ray-and-vllm-facts.md)
         actor["num_cpus"] = 0
     actor["runtime_env"] = {"env_vars": dict(REPLICA_ENV)}
