@@ -230,6 +230,14 @@ def probe(address: AddressOption = "auto", json_out: JsonOption = None) -> None:
         _write_text(json_out, dump_cluster(cluster))
 
 
+AllowDowntimeOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-downtime",
+        help="When a restarted or moved model's new engine has no room beside the old one, "
+        "stop the old one first (the model answers 503 until the new one serves).",
+    ),
+]
 HttpHostOption = Annotated[
     str,
     typer.Option(
@@ -282,12 +290,15 @@ def deploy(
             help="Stop, restart or move running models without asking (needed without a terminal).",
         ),
     ] = False,
+    allow_downtime: AllowDowntimeOption = False,
 ) -> None:
     """Probe, plan and launch the models: an engine application each, one OpenAI endpoint.
 
     Prints the plan and, per model, keep, start, stop, restart or move. When a running model
     would stop, restart or move, it asks first on a terminal; without one it refuses (exit 2)
-    unless --yes.
+    unless --yes. A restarted or moved model's new engine starts beside the old one, which
+    stops once the new one serves; with no room for both it refuses (exit 3) unless
+    --allow-downtime.
     """
     require("ray.serve", "deploy")
     if diff:
@@ -308,6 +319,7 @@ def deploy(
         cluster=load_cluster(cluster) if cluster else None,
         state_dir=state_dir_or_default(state_dir),
         yes=yes,
+        allow_downtime=allow_downtime,
     )
     run_deploy(
         registry,
@@ -316,6 +328,76 @@ def deploy(
         lambda plan: print_plan(console, plan),
         on_diff=lambda changes: console.print(diff_table(changes)),
         confirm=_confirm_on_terminal,
+    )
+
+
+NodeArgument = Annotated[
+    str, typer.Argument(help="The node's name: its rackserve/node label, as `status` shows it.")
+]
+
+
+@app.command()
+def drain(
+    node: NodeArgument,
+    address: AddressOption = "auto",
+    state_dir: StateDirOption = None,
+    cluster: ClusterFileOption = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Drain even when some model finds no room elsewhere: it stops and is "
+            "reported unplaced.",
+        ),
+    ] = False,
+    allow_downtime: AllowDowntimeOption = False,
+) -> None:
+    """Take a node out of service: its models move elsewhere, and every later plan avoids it.
+
+    Each model's new engine starts before its old one stops, so no request fails. Durable: the
+    drain is kept in the deployed record (and the state directory) until `undrain`. Refuses
+    (exit 3, nothing changed) when a model would find no room, unless --force.
+    """
+    _set_drained(node, True, address, state_dir, cluster, force, allow_downtime)
+
+
+@app.command()
+def undrain(
+    node: NodeArgument,
+    address: AddressOption = "auto",
+    state_dir: StateDirOption = None,
+    cluster: ClusterFileOption = None,
+) -> None:
+    """Put a drained node back in service; running models stay where they are."""
+    _set_drained(node, False, address, state_dir, cluster)
+
+
+def _set_drained(
+    node: str,
+    drained: bool,
+    address: str,
+    state_dir: Path | None,
+    cluster: Path | None,
+    force: bool = False,
+    allow_downtime: bool = False,
+) -> None:
+    require("ray.serve", "drain" if drained else "undrain")
+    from deployer.serving.launch import DeployOptions, set_drained  # noqa: PLC0415 - needs Ray
+
+    options = DeployOptions(
+        address,
+        cluster=load_cluster(cluster) if cluster else None,
+        state_dir=state_dir_or_default(state_dir),
+        allow_downtime=allow_downtime,
+    )
+    set_drained(
+        node,
+        drained,
+        options,
+        plain_lines(console),
+        lambda plan: print_plan(console, plan),
+        on_diff=lambda changes: console.print(diff_table(changes)),
+        force=force,
     )
 
 
@@ -456,11 +538,12 @@ def status(
     require("ray.serve", "status")
     check_output_target(json_out)
     from deployer.serving.engine_memory import memory_drift  # noqa: PLC0415 - needs Ray
-    from deployer.serving.launch import model_statuses  # noqa: PLC0415 - needs Ray
+    from deployer.serving.launch import deployment_status  # noqa: PLC0415 - needs Ray
     from deployer.serving.state import FileStateStore  # noqa: PLC0415
 
     state_dir = state_dir_or_default(state_dir)
-    statuses = model_statuses(address, state_dir=state_dir)
+    shown = deployment_status(address, state_dir=state_dir)
+    statuses = shown.models
     drifts = memory_drift(address, state_dir=state_dir) if statuses else []
     events = FileStateStore(state_dir).events() if state_dir else []
     if json_out:
@@ -469,7 +552,7 @@ def status(
             | {"memory": [dataclasses.asdict(d) for d in drifts if d.model_id == s.model_id]}
             for s in statuses
         ]
-        _write_json(json_out, {"models": models, "events": events})
+        _write_json(json_out, {"models": models, "drained": shown.drained, "events": events})
     if json_out != "-":  # on stdout, the JSON is all
         if events:
             console.print(events_table(events))
@@ -477,6 +560,8 @@ def status(
             console.print(status_table(statuses, drifts))
         else:
             console.print(f"no {APP_NAME!r} application is deployed")
+        if shown.drained:
+            console.print(f"drained (no model is placed there): {', '.join(shown.drained)}")
     if not all(s.healthy for s in statuses):
         raise typer.Exit(ExitCode.NOT_SERVING)
 

@@ -56,12 +56,14 @@ def plan_diff(
     change: Redeploy,
     models: Sequence[Mapping[str, Any]],
     lost: Collection[str] = (),
+    drained: Collection[str] = (),
 ) -> list[ModelChange]:
     """Per model, in the configuration's order (removed ones last): what the deploy does.
 
     `deployed`: the last record (None when nothing runs); `running`: the engines of it Serve
-    runs; `models`: the configuration as deployed (`models_document`); `lost`: nodes planned
-    without.
+    runs; `models`: the configuration as deployed (`models_document`); `lost` and `drained`:
+    nodes planned without. A restart or move says whether its new engine starts beside the old
+    one (make-before-break) or after it stops.
     """
     old_models = {m["model_id"]: m for m in (deployed.models if deployed else [])}
     old_places = {p["model_id"]: p for p in (deployed.placements if deployed else [])}
@@ -91,12 +93,18 @@ def plan_diff(
             engine = changed_fields(old_engines.get(model_id), new_engines.get(model_id))
             if node in lost:
                 why = f"node {node} is lost"
+            elif node in drained:
+                why = f"node {node} is drained"
             elif config:
                 why = f"changed: {', '.join(config)}"
             elif engine:
                 why = f"launch description changed: {', '.join(engine[:4])}"
             else:
                 why = "re-planned"
+            if model_id in change.make_before_break:
+                why += "; the new engine starts first, the old stops once it serves"
+            elif model_id in change.downtime:
+                why += "; no room for both: stops first"
             action = "move" if before != after else "restart"
             changes.append(ModelChange(model_id, action, before, after, why))
     return changes

@@ -16,9 +16,9 @@ from typing import Any
 
 from deployer.config.cluster import Cluster, Gpu, Node
 from deployer.config.models_config import ModelManager
-from deployer.config.units import MIB
+from deployer.config.units import GIB, MIB
 from deployer.planning.estimate import MemoryEstimate
-from deployer.planning.placement import Plan, Unplaced
+from deployer.planning.placement import Demand, Plan, Unplaced
 from deployer.planning.serve_config import EngineSpec, engine_specs
 from deployer.planning.workflow import plan_models
 
@@ -36,6 +36,8 @@ class Deployed:
     """What the ingress was built from (`applications.ingress_key`): unchanged, it is kept."""
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The deploy's own settings (`http_host`, `http_port`, `reserve_gib`), for a redeploy."""
+    drained: list[str] = dataclasses.field(default_factory=list)
+    """Nodes taken out of service (`rackserve drain`): every plan leaves them empty."""
 
     def to_bytes(self) -> bytes:
         """JSON, for the state store."""
@@ -54,6 +56,7 @@ class Deployed:
             engine=document.get("engine", "vllm"),
             ingress=document.get("ingress", ""),
             settings=document.get("settings", {}),
+            drained=document.get("drained", []),
         )
 
     def same_as(self, models: list[dict[str, Any]], engine: str) -> bool:
@@ -78,6 +81,12 @@ class Redeploy:
     """Engines to stop first: removed, unplaced or changed."""
     keep: list[str]
     """Engines left running as they are, on the same node and GPUs."""
+    make_before_break: list[str] = dataclasses.field(default_factory=list)
+    """Running engines restarted or moved whose new engine starts first, beside the old one,
+    which stops once the new one serves (there is room for both)."""
+    downtime: list[str] = dataclasses.field(default_factory=list)
+    """Running engines restarted or moved that must stop before their new engine starts: no
+    room for both at once."""
 
 
 def models_document(models: ModelManager) -> list[dict[str, Any]]:
@@ -193,6 +202,7 @@ def replan(
     engine: str = "vllm",
     memory_counts_ours: bool = True,
     lost: Collection[str] = (),
+    drained: Collection[str] = (),
 ) -> Redeploy:
     """Plan `models` onto `cluster` keeping in place every engine in `running` that stays as is.
 
@@ -202,7 +212,10 @@ def replan(
     gave them. `memory_counts_ours` says whether the cluster's free memory was measured with our
     engines running (a probe) or not (a cluster file, whose figures never move). Engines on
     `lost` nodes are stopped and placed again elsewhere (a model pinned there stays unplaced).
+    `drained` nodes get no engine: theirs move elsewhere, make-before-break where there is room
+    (as do restarted engines): see `Redeploy.make_before_break`.
     """
+    cluster = Cluster(nodes=[n for n in cluster.nodes if n.name not in drained])
     replace_all = deployed is not None and deployed.engine != engine
     was_running = sorted(running)
     node_of = {p["model_id"]: p["node"] for p in (deployed.placements if deployed else [])}
@@ -210,21 +223,25 @@ def replan(
     running = [m for m in running if m not in on_lost]
     if deployed is None or replace_all:
         running = []
-    stranded = {m.model_id: m.node for m in models if m.node is not None and m.node in lost}
+    out = {*lost, *drained}
+    stranded = {m.model_id: m.node for m in models if m.node is not None and m.node in out}
     if stranded:  # pinned by their config to a lost node: unplaced until it is back
         kept_estimates = [
             e for m, e in zip(models, estimates, strict=True) if m.model_id not in stranded
         ]
         models = ModelManager([m for m in models if m.model_id not in stranded])
         estimates = kept_estimates
-    pinned = keep_on_their_nodes(models, deployed, lost)
+    pinned = keep_on_their_nodes(models, deployed, out)
     freed = with_own_memory_freed(cluster, deployed) if memory_counts_ours else cluster
     before: Mapping[str, Mapping[str, Any]] = deployed.engines if deployed else {}
     wanted = {m.model_id for m in models}
     in_place = {
         p["model_id"]: tuple(p["gpus"])
         for p in (deployed.placements if deployed else [])
-        if p["gpus"] and p["model_id"] in running and p["model_id"] in wanted
+        if p["gpus"]
+        and p["model_id"] in running
+        and p["model_id"] in wanted
+        and p["node"] not in drained
     }
     on_gpus = set(in_place)  # running on GPUs: kept only where they run
     while True:
@@ -248,22 +265,134 @@ def replan(
             plan,
             unplaced=(
                 *plan.unplaced,
-                *(
-                    Unplaced(
-                        m, f"pinned to node {n!r}, which is lost; placed again when it is back"
-                    )
-                    for m, n in stranded.items()
-                ),
+                *(Unplaced(m, _stranded_reason(n, n in drained)) for m, n in stranded.items()),
             ),
         )
     placed = {s.model_id for s in specs}
     if replace_all:  # another engine runs the models: every running one is replaced
-        return Redeploy(plan=plan, specs=specs, start=specs, stop=was_running, keep=[])
+        return Redeploy(
+            plan=plan,
+            specs=specs,
+            start=specs,
+            stop=was_running,
+            keep=[],
+            downtime=sorted(set(was_running) & placed),
+        )
+    moved = sorted(set(running) & changed & placed)
+    both = _make_before_break(
+        Planning(freed, pinned, estimates, reserve_gib, in_place),
+        [p for p in (deployed.placements if deployed else []) if p["model_id"] in moved],
+        (plan, changed, running, before),
+        models,
+        cluster,
+    )
+    if both is not None:
+        plan, specs = both
+    overlap = set(moved) if both is not None else set()
     stop = sorted(((set(running) & set(before)) - (placed - changed)) | on_lost)
     return Redeploy(
         plan=plan,
         specs=specs,
         start=[s for s in specs if s.model_id in changed],
-        stop=stop,
+        stop=[m for m in stop if m not in overlap],
         keep=[s.model_id for s in specs if s.model_id not in changed],
+        make_before_break=sorted(overlap),
+        downtime=[m for m in moved if m not in overlap],
+    )
+
+
+def _stranded_reason(node: str, drained: bool) -> str:
+    if drained:
+        return f"pinned to node {node!r}, which is drained; undrain it or change the model's node"
+    return f"pinned to node {node!r}, which is lost; placed again when it is back"
+
+
+@dataclasses.dataclass(frozen=True)
+class Planning:
+    """What `plan_keeping_running` was given: the cluster, the models and the engines kept."""
+
+    cluster: Cluster
+    models: ModelManager
+    estimates: Sequence[MemoryEstimate]
+    reserve_gib: float
+    kept_gpus: Mapping[str, tuple[int, ...]]
+
+
+HOLDER = " (stopping)"
+"""Marks an old engine that holds its place in a make-before-break plan."""
+
+
+def _make_before_break(
+    planning: Planning,
+    old: Sequence[Mapping[str, Any]],
+    planned: tuple[Plan, set[str], Collection[str], Mapping[str, Mapping[str, Any]]],
+    models: ModelManager,
+    cluster: Cluster,
+) -> tuple[Plan, list[EngineSpec]] | None:
+    """The plan with the moving engines' old places still held, if it changes nothing else.
+
+    `old`: the moving engines' placements as deployed. An old engine on a node left out of the
+    plan (drained) holds nothing the plan uses. Otherwise the models are planned again beside
+    the old engines, held where they are (as Ray will see them while the new ones start): the
+    result is used only if it places the same models, restarts the same engines and leaves
+    every kept engine's description as it was. None: no room for both; stop first.
+    """
+    plan, changed, running, before = planned
+    names = {n.name for n in cluster.nodes}
+    held = [p for p in old if p["node"] in names]
+    if not held:
+        return plan, engine_specs(plan, models, cluster)
+    holders = [
+        Demand(
+            model_id=p["model_id"] + HOLDER,
+            tensor_parallel_size=p["tensor_parallel_size"],
+            # its booking, not its extra KV cache: the GPU's leftover is then split as before
+            bytes_per_gpu=round(p["gpu_memory_gib"] * GIB),
+            node=p["node"],
+            gpus=tuple(p["gpus"]) or None,
+        )
+        for p in held
+    ]
+    trial = plan_models(
+        planning.cluster,
+        planning.models,
+        planning.estimates,
+        planning.reserve_gib,
+        kept_gpus=planning.kept_gpus,
+        holders=holders,
+    )
+    where = {p.model_id: p for p in trial.placements}
+    if any(h.model_id not in where or where[h.model_id].gpus != (h.gpus or ()) for h in holders):
+        return None
+    ours = {h.model_id for h in holders}
+    trial = without_holders(trial, {h.model_id: h.bytes_per_gpu for h in holders})
+    if {p.model_id for p in trial.placements} != {p.model_id for p in plan.placements}:
+        return None
+    specs = engine_specs(trial, models, cluster)
+    restarted = {s.model_id for s in specs if s.model_id not in running}
+    restarted |= {s.model_id for s in specs if before.get(s.model_id) != s.llm_config}
+    kept_moved = any(
+        p.model_id in planning.kept_gpus and p.gpus != planning.kept_gpus[p.model_id]
+        for p in trial.placements
+    )
+    if not restarted <= changed or kept_moved or ours & restarted:
+        return None
+    return trial, specs
+
+
+def without_holders(plan: Plan, holders: Mapping[str, int]) -> Plan:
+    """`plan` less the holders (by model id, with the bytes each booked per GPU)."""
+    fills = tuple(
+        dataclasses.replace(
+            fill,
+            tenants=tuple(t for t in fill.tenants if t not in holders),
+            booked_bytes=fill.booked_bytes - sum(holders.get(t, 0) for t in fill.tenants),
+        )
+        for fill in plan.fills
+    )
+    return dataclasses.replace(
+        plan,
+        placements=tuple(p for p in plan.placements if p.model_id not in holders),
+        unplaced=tuple(u for u in plan.unplaced if u.model_id not in holders),
+        fills=fills,
     )

@@ -36,10 +36,15 @@ def plan_models(
     estimates: Sequence[MemoryEstimate],
     reserve_gib: float = DEFAULT_RESERVE_GIB,
     kept_gpus: Mapping[str, tuple[int, ...]] | None = None,
+    holders: Sequence[Demand] = (),
 ) -> Plan:
-    """Plan the estimated models onto the cluster; `kept_gpus`: engines that stay where they run."""
+    """Plan the estimated models onto the cluster; `kept_gpus`: engines that stay where they run.
+
+    `holders`: engines that hold their place while the plan's engines start (a make-before-break
+    move's old engines); they are planned first, in place, and are part of the plan returned.
+    """
     kept = kept_gpus or {}
     demands = [
         demand_of(m, e, kept.get(m.model_id)) for m, e in zip(models, estimates, strict=True)
     ]
-    return plan_placements(cluster, demands, reserve_gib=reserve_gib)
+    return plan_placements(cluster, [*holders, *demands], reserve_gib=reserve_gib)

@@ -28,14 +28,64 @@ ENGINE_DEPLOYMENT = "engine"
 Engine = Literal["vllm", "standin"]
 
 
-def model_app_name(model_id: str) -> str:
-    """The Serve application that runs one model's engine."""
-    return f"{APP_NAME}-model:{model_id}"
+ROUTE_REFRESH_S = 1.0
+"""How often the ingress reads Serve's status to follow engines that move."""
+ROUTE_SETTLE_S = 4.0
+"""How long a deploy waits, once a moved engine runs, before it deletes the old one: a few of
+the ingress's refreshes, so that it routes to the new engine first."""
+SLOT_MARK = "~slot"
+"""Separates a model's name from its slot in an engine application's name."""
+
+
+def model_app_name(model_id: str, slot: int = 0) -> str:
+    """The Serve application that runs one model's engine in `slot`.
+
+    A model has two slots: a make-before-break move starts the new engine in the slot the old
+    one does not use, so both run, under two names, until the ingress routes to the new one.
+    """
+    name = f"{APP_NAME}-model:{model_id}"
+    return name if slot == 0 else f"{name}{SLOT_MARK}{slot}"
+
+
+def app_model(app_name: str) -> tuple[str, int] | None:
+    """The model and slot an engine application runs; None for any other application."""
+    base = model_app_name("")
+    if not app_name.startswith(base):
+        return None
+    model_id, mark, slot = app_name[len(base) :].rpartition(SLOT_MARK)
+    if mark and slot.isdigit():
+        return model_id, int(slot)
+    return app_name[len(base) :], 0
 
 
 def is_ours(app_name: str) -> bool:
     """True for the ingress and every engine application rackserve runs."""
-    return app_name == APP_NAME or app_name.startswith(model_app_name(""))
+    return app_name == APP_NAME or app_model(app_name) is not None
+
+
+def engine_apps(applications: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Each model's engine applications (from `serve.status().applications`), newest first.
+
+    Two exist only during a make-before-break move, or after one was interrupted.
+    """
+    found: dict[str, list[tuple[float, str]]] = {}
+    for name, application in applications.items():
+        owner = app_model(name)
+        if owner is not None:
+            deployed_at = float(getattr(application, "last_deployed_time_s", 0.0) or 0.0)
+            found.setdefault(owner[0], []).append((deployed_at, name))
+    return {m: [name for _, name in sorted(apps, reverse=True)] for m, apps in found.items()}
+
+
+def current_app(applications: Mapping[str, Any], model_id: str) -> str:
+    """The application that serves `model_id` now: its newest, else the slot-0 name."""
+    return (engine_apps(applications).get(model_id) or [model_app_name(model_id)])[0]
+
+
+def free_slot(applications: Mapping[str, Any], model_id: str) -> int:
+    """The slot a new engine of `model_id` starts in while the current one keeps serving."""
+    owner = app_model(current_app(applications, model_id))
+    return 1 - owner[1] if owner else 0
 
 
 def running_engines(applications: Mapping[str, Any]) -> frozenset[str]:
@@ -46,6 +96,29 @@ def running_engines(applications: Mapping[str, Any]) -> frozenset[str]:
         if deployment is not None and deployment.replica_states.get("RUNNING", 0) > 0:
             running.add(name)
     return frozenset(running)
+
+
+def serving_routes(applications: Mapping[str, Any], model_ids: list[str]) -> dict[str, str | None]:
+    """Each model's engine application to route to; None for a model with none serving.
+
+    That is its newest application with a running replica that is not being deleted.
+    """
+    running = running_engines(applications)
+    apps = engine_apps(applications)
+    routes: dict[str, str | None] = {}
+    for model_id in model_ids:
+        live = [
+            name
+            for name in apps.get(model_id, [])
+            if name in running and _status(applications[name]) != "DELETING"
+        ]
+        routes[model_id] = live[0] if live else None
+    return routes
+
+
+def _status(application: Any) -> str:
+    value = application.status
+    return str(getattr(value, "value", value))
 
 
 def quiet_builders() -> None:
@@ -84,8 +157,13 @@ def ingress_key(specs: Sequence[EngineSpec], prefix: str, cpu_only: bool) -> str
     return json.dumps(key, default=str)
 
 
-def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
+def ingress_application(
+    specs: Sequence[EngineSpec], cpu_only: bool, apps: Mapping[str, str] | None = None
+) -> Any:
     """The ingress over handles to the engines' applications, as `build_openai_app` builds it.
+
+    `apps`: each model's engine application now (slot 0 for those not given); the ingress
+    follows an engine that moves to its other slot by itself.
 
     The class is `RackserveIngress` (`deployer.serving.ingress`): Serve LLM's `OpenAiIngress`
     answering a prompt 503 for a model with no running engine. One replica, on the head.
@@ -106,9 +184,10 @@ def ingress_application(specs: Sequence[EngineSpec], cpu_only: bool) -> Any:
         actor["num_cpus"] = 0
     actor["runtime_env"] = {"env_vars": dict(REPLICA_ENV)}
     options["ray_actor_options"] = actor
+    apps = apps or {}
     handles = {
         c.model_id: serve.get_deployment_handle(
-            ENGINE_DEPLOYMENT, app_name=model_app_name(c.model_id)
+            ENGINE_DEPLOYMENT, app_name=apps.get(c.model_id) or model_app_name(c.model_id)
         )
         for c in configs
     }

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.planning.drift import Drift, drift
-from deployer.serving.applications import ENGINE_DEPLOYMENT, model_app_name
+from deployer.serving.applications import ENGINE_DEPLOYMENT, app_model
 from deployer.serving.nvml_reader import Nvml, load_pynvml
 from deployer.serving.probe import connect
 from deployer.serving.replicas import REPLICA_PREFIX
@@ -142,11 +142,12 @@ def engine_pids(
     actors: Sequence[ActorRow], model_ids: Iterable[str]
 ) -> dict[str, dict[str, set[int]]]:
     """Per model, per Ray node id: the PIDs of its replicas and of their placement groups."""
-    apps = {model_app_name(model_id): model_id for model_id in model_ids}
+    wanted = set(model_ids)
     found: dict[str, dict[str, set[int]]] = {}
     groups: dict[str, str] = {}
     for actor in actors:
-        model_id = apps.get(_engine_app(actor.name) or "")
+        owner = app_model(_engine_app(actor.name) or "")
+        model_id = owner[0] if owner and owner[0] in wanted else None
         if model_id is None or not actor.pid:
             continue
         found.setdefault(model_id, {}).setdefault(actor.node_id, set()).add(actor.pid)

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from deployer.config.cluster import NODE_LABEL, Cluster, Node
-from deployer.config.models_config import ModelManager
+from deployer.config.models_config import ModelConfig, ModelManager
 from deployer.errors import ConfigError, ExitCode, RackserveError
 from deployer.planning.estimate import MemoryEstimate
 from deployer.planning.placement import DEFAULT_RESERVE_GIB, Plan
 from deployer.planning.plan_diff import ModelChange, disruptive, plan_diff
-from deployer.planning.redeploy import Deployed, models_document, replan
+from deployer.planning.redeploy import Deployed, Redeploy, models_document, replan
 from deployer.planning.serve_config import (
     APP_NAME,
     DEFAULT_HTTP_HOST,
@@ -37,8 +38,13 @@ from deployer.planning.serve_config import (
 )
 from deployer.serving.applications import (
     ENGINE_DEPLOYMENT,
+    ROUTE_SETTLE_S,
     Engine,
+    app_model,
+    current_app,
     engine_application,
+    engine_apps,
+    free_slot,
     ingress_application,
     ingress_key,
     is_ours,
@@ -91,10 +97,22 @@ class DeployOptions:
     """Nodes gone: plan without them, and start their engines elsewhere (reconcile)."""
     yes: bool = False
     """Stop, restart or move running engines without asking (`--yes`; the controller)."""
+    allow_downtime: bool = False
+    """Stop an engine before its new one starts when there is no room for both (the controller)."""
+    drained: tuple[str, ...] | None = None
+    """Nodes to leave empty (`drain`, `undrain`); None: those the last deploy left drained."""
 
 
-def _start_engines(specs: Sequence[EngineSpec], say: Say, engine: Engine) -> None:
-    """Start the engines wave after wave; each wave's applications start together."""
+class NoRoomError(RackserveError):
+    """A restarted or moved engine cannot start beside its old one, and downtime was not allowed."""
+
+    exit_code = ExitCode.UNPLACED
+
+
+def _start_engines(
+    specs: Sequence[EngineSpec], say: Say, engine: Engine, apps: Mapping[str, str]
+) -> None:
+    """Start the engines wave after wave, each as `apps[model]`; a wave starts together."""
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -103,9 +121,7 @@ def _start_engines(specs: Sequence[EngineSpec], say: Say, engine: Engine) -> Non
         names = ", ".join(f"{s.model_id}@{s.node}" for s in wave)
         say(f"wave {number}/{len(grouped)}: starting {names}")
         targets = [
-            RunTarget(
-                engine_application(s, engine), name=model_app_name(s.model_id), route_prefix=None
-            )
+            RunTarget(engine_application(s, engine), name=apps[s.model_id], route_prefix=None)
             for s in wave
         ]
         try:
@@ -180,20 +196,24 @@ def _deploy(
     applications = serve.status().applications
     running = APP_NAME in applications
     document = models_document(models)
+    drained = tuple(
+        options.drained if options.drained is not None else (deployed.drained if deployed else ())
+    )
     unchanged = (
         deployed is not None
         and deployed.same_as(document, options.engine)
+        and list(drained) == deployed.drained
         and not deployed.unplaced()  # a plan now may find them room
     )
     if unchanged and running and not options.lost:
         say("nothing to change: these models are deployed as planned")
         return None
-    cluster = _cluster_for(options)
+    cluster = _cluster_for(options, drained)
+    serving = engine_apps(applications)
     engines_running = [
-        model_id
-        for model_id in (deployed.engines if deployed and running else {})
-        if model_app_name(model_id) in applications
-    ]
+        model_id for model_id in (deployed.engines if deployed and running else {})
+        if model_id in serving
+    ]  # fmt: skip
     change = replan(
         cluster,
         models,
@@ -204,12 +224,18 @@ def _deploy(
         engine=options.engine,
         memory_counts_ours=options.cluster is None,
         lost=options.lost,
+        drained=drained,
     )
     plan = change.plan
     on_plan, on_diff, confirm = shown
     on_plan(plan)
     changes = plan_diff(
-        deployed if running else None, engines_running, change, document, options.lost
+        deployed if running else None,
+        engines_running,
+        change,
+        document,
+        options.lost,
+        drained,
     )
     if on_diff is not None:
         on_diff(changes)
@@ -221,6 +247,13 @@ def _deploy(
         raise UnplacedError(
             f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
             "launched. Pass --allow-partial to launch the others."
+        )
+    if change.downtime and not options.allow_downtime:
+        raise NoRoomError(
+            f"no room to start the new engine of {', '.join(change.downtime)} beside the one "
+            "that runs (make-before-break); nothing was changed. Pass --allow-downtime to stop "
+            "it first (it answers 503 until its new engine runs), or make room: add a node, "
+            "remove a model"
         )
     interrupted = disruptive(changes)
     if interrupted and not options.yes and (confirm is None or not confirm(interrupted)):
@@ -234,22 +267,20 @@ def _deploy(
         http_options={"host": options.http_host, "port": options.http_port},
     )
     quiet_builders()
-    for model_id in change.stop:
-        say(f"stopping {model_id}")
-        serve.delete(model_app_name(model_id))
-    if change.keep:
-        say(f"unchanged, left running: {', '.join(change.keep)}")
-    _start_engines(change.start, say, options.engine)
+    apps = _stop_and_start(change, applications, say, options.engine)
     specs = change.specs
     front = ingress_key(specs, prefix, plan.device == "cpu")
     if running and deployed is not None and deployed.ingress == front:
-        # Same models behind the same route: the ingress's handles (by application name) reach
-        # the restarted engines as they are; restarting it would fail requests to every model.
+        # Same models behind the same route: the ingress follows restarted and moved engines by
+        # itself; restarting it would fail requests to every model.
         say("the ingress serves the same models: left running")
     else:
         serve.run(
-            ingress_application(specs, plan.device == "cpu"), name=APP_NAME, route_prefix=prefix
+            ingress_application(specs, plan.device == "cpu", apps),
+            name=APP_NAME,
+            route_prefix=prefix,
         )
+    _retire(set(apps.values()), change.make_before_break, say)
     store.write(
         Deployed(
             models=document,
@@ -262,6 +293,7 @@ def _deploy(
                 "http_port": options.http_port,
                 "reserve_gib": options.reserve_gib,
             },
+            drained=list(drained),
         )
     )
     if disk:
@@ -280,6 +312,58 @@ def _deploy(
     return plan
 
 
+def _stop_and_start(
+    change: Redeploy, applications: Mapping[str, Any], say: Say, engine: Engine
+) -> dict[str, str]:
+    """Stop what stops first, start what starts; each placed model's engine application.
+
+    A make-before-break engine starts in its model's other slot, beside the old engine.
+    """
+    from ray import serve
+
+    serving = engine_apps(applications)
+    for model_id in change.stop:
+        say(f"stopping {model_id}")
+        for name in serving.get(model_id, []):
+            serve.delete(name)
+    if change.keep:
+        say(f"unchanged, left running: {', '.join(change.keep)}")
+    apps = {m: names[0] for m, names in serving.items() if m in change.keep}
+    for spec in change.start:
+        later = spec.model_id in change.make_before_break
+        apps[spec.model_id] = model_app_name(
+            spec.model_id, free_slot(applications, spec.model_id) if later else 0
+        )
+    _start_engines(change.start, say, engine, apps)
+    return apps
+
+
+def _retire(serving: set[str], moved: Sequence[str], say: Say) -> None:
+    """Delete every engine application of ours not in `serving`.
+
+    These are the old engines of a make-before-break move, deleted once the ingress routes to
+    the new ones, and any left over by an interrupted deploy. Serve lets each finish the
+    requests it holds before it stops.
+    """
+    from ray import serve
+
+    old = [
+        name for name in serve.status().applications
+        if app_model(name) is not None and name not in serving
+    ]  # fmt: skip
+    if not old:
+        return
+    if moved:
+        say(
+            f"new engines of {', '.join(moved)} serve; stopping the old ones once the ingress "
+            f"routes to the new ({ROUTE_SETTLE_S:.0f} s)"
+        )
+        time.sleep(ROUTE_SETTLE_S)
+    for name in old:
+        say(f"stopping {name}")
+        serve.delete(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelStatus:
     """One model as `rackserve status` shows it."""
@@ -296,10 +380,25 @@ class ModelStatus:
     """Engine replicas of this model that stopped since it was last deployed (`replicas`)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DeploymentStatus:
+    """What `rackserve status` shows: each model, and the nodes drained."""
+
+    models: list[ModelStatus]
+    drained: list[str]
+
+
 def model_statuses(
     address: str, store: StateStore | None = None, state_dir: Path | None = None
 ) -> list[ModelStatus]:
-    """Each deployed model's node, GPUs, Serve state and health; empty when none is deployed.
+    """Each deployed model's node, GPUs, Serve state and health; empty when none is deployed."""
+    return deployment_status(address, store, state_dir).models
+
+
+def deployment_status(
+    address: str, store: StateStore | None = None, state_dir: Path | None = None
+) -> DeploymentStatus:
+    """Each deployed model's node, GPUs, Serve state and health, and the drained nodes.
 
     What was deployed comes from the cluster's record, else the state directory's (after a head
     restart the cluster has none): a model whose engine or the ingress is not running is then
@@ -313,19 +412,20 @@ def model_statuses(
         deployed = (store or deployed_store(state_dir)).read()
         applications = serve.status().applications
         if deployed is None:
-            return []
+            return DeploymentStatus([], [])
         history = replica_history(applications)
         ingress = APP_NAME in applications
         statuses = []
         for placement in deployed.placements:
             model_id = placement["model_id"]
-            app = applications.get(model_app_name(model_id))
+            name = current_app(applications, model_id)
+            app = applications.get(name)
             deployment = app.deployments.get(ENGINE_DEPLOYMENT) if app else None
             state = deployment.status.value if deployment else "MISSING"
             message = deployment.message if deployment else "its engine is not running"
             if not ingress:
                 message = f"the ingress {APP_NAME!r} is not running; {message}".rstrip("; ")
-            replicas = history.get(model_app_name(model_id), ReplicaHistory(None, 0))
+            replicas = history.get(name, ReplicaHistory(None, 0))
             statuses.append(
                 ModelStatus(
                     model_id=model_id,
@@ -346,13 +446,104 @@ def model_statuses(
                     gpus=(),
                     state="UNPLACED",
                     healthy=False,
-                    message="the last plan found it no room (or its pinned node is lost); "
-                    "the controller places it when a node joins",
+                    message="the last plan found it no room (or its pinned node is lost or "
+                    "drained); the controller places it when a node joins",
                 )
             )
-        return statuses
+        return DeploymentStatus(statuses, list(deployed.drained))
     finally:
         ray.shutdown()
+
+
+def set_drained(
+    node: str,
+    drain: bool,
+    options: DeployOptions,
+    say: Say,
+    on_plan: Callable[[Plan], None],
+    on_diff: Callable[[list[ModelChange]], None] | None = None,
+    force: bool = False,
+) -> Plan | None:
+    """`rackserve drain NODE` (`drain`) or `undrain NODE`: durable in the deployed record.
+
+    Draining redeploys what was deployed last, with its settings, leaving `node` empty: its
+    engines move to other nodes, each new engine started before the old one stops. When a model
+    would find no room, nothing changes (UnplacedError naming it) unless `force`: it is then
+    stopped and reported unplaced. Undraining moves nothing back; models left unplaced are
+    placed if the node gives them room. Raises ConfigError for a node Ray and the plan do not
+    know, or when nothing is deployed.
+    """
+    disk = FileStateStore(options.state_dir) if options.state_dir else None
+    with disk.lock(options.lock_wait_s) if disk else contextlib.nullcontext():
+        desired, known = _record_and_nodes(options)
+        if desired is None:
+            raise ConfigError(
+                "nothing is deployed: there is nothing to drain or undrain; run `rackserve "
+                "deploy` first (every later plan keeps to the nodes drained then)"
+            )
+        if node not in known:
+            raise ConfigError(
+                f"no node named {node!r}: Ray's labelled nodes and the plan's are "
+                f"{', '.join(sorted(known)) or 'none'}; give one of them"
+            )
+        drained = set(desired.drained)
+        if (node in drained) == drain and not (drain and _holds(desired, node)):
+            say(f"node {node} is {'already' if drain else 'not'} drained: nothing to change")
+            return None
+        drained = drained | {node} if drain else drained - {node}
+        before = set(desired.unplaced())
+
+        def checked(plan: Plan) -> None:
+            on_plan(plan)
+            left = [u.model_id for u in plan.unplaced if u.model_id not in before]
+            if drain and left and not force:
+                raise UnplacedError(
+                    f"draining {node} leaves no room for {', '.join(left)}; nothing was "
+                    "changed. Make room (add a node, remove a model), or pass --force to stop "
+                    "them (reported unplaced) and drain anyway"
+                )
+
+        settings = desired.settings
+        redeploy = dataclasses.replace(
+            options,
+            drained=tuple(sorted(drained)),
+            allow_partial=True,
+            yes=True,  # asked for by name
+            engine="standin" if desired.engine == "standin" else "vllm",
+            http_host=str(settings.get("http_host", options.http_host)),
+            http_port=int(settings.get("http_port", options.http_port)),
+            reserve_gib=float(settings.get("reserve_gib", options.reserve_gib)),
+        )
+        models = ModelManager([ModelConfig.model_validate(m) for m in desired.models])
+        plan = deploy(models, redeploy, say, checked, lock_held=True, on_diff=on_diff)
+        if disk:
+            disk.record("drained" if drain else "undrained", node=node)
+        say(f"node {node} is {'drained' if drain else 'back in service'}")
+        return plan
+
+
+def _holds(deployed: Deployed, node: str) -> bool:
+    return any(p["node"] == node for p in deployed.placements)
+
+
+def _record_and_nodes(options: DeployOptions) -> tuple[Deployed | None, set[str]]:
+    """The deployed record, and every node name Ray (alive or not), the plan or the file know."""
+    import ray
+
+    connect(options.address)
+    try:
+        deployed = deployed_store(options.state_dir).read()
+        known = {
+            str(name)
+            for row in ray.nodes()  # type: ignore[no-untyped-call]
+            if (name := (row.get("Labels") or {}).get(NODE_LABEL))
+        }
+    finally:
+        ray.shutdown()
+    known |= {p["node"] for p in (deployed.placements if deployed else [])}
+    known |= {*(deployed.drained if deployed else [])}
+    known |= {n.name for n in (options.cluster.nodes if options.cluster else [])}
+    return deployed, known
 
 
 DOWN_LOCK_WAIT_S = 300.0
@@ -389,15 +580,22 @@ def down(
             ray.shutdown()
 
 
-def _cluster_for(options: DeployOptions) -> Cluster:
-    """The cluster to plan on: the probe's, or the cluster file checked against Ray's nodes."""
+def _cluster_for(options: DeployOptions, drained: Sequence[str] = ()) -> Cluster:
+    """The cluster to plan on, without the lost and drained nodes.
+
+    That is the probe's, or the cluster file checked against Ray's nodes.
+    """
     import ray
 
+    out = {*options.lost, *drained}
     if options.cluster is None:
-        return probe_cluster(options.address)
-    kept = [n for n in options.cluster.nodes if n.name not in options.lost]
+        probed = probe_cluster(options.address)
+        return Cluster(nodes=[n for n in probed.nodes if n.name not in out])
+    kept = [n for n in options.cluster.nodes if n.name not in out]
     if not kept:
-        raise LaunchError(f"every node of the cluster file is lost: {', '.join(options.lost)}")
+        raise LaunchError(
+            f"every node of the cluster file is lost or drained: {', '.join(sorted(out))}"
+        )
     return checked_against_ray(Cluster(nodes=kept), ray.nodes())  # type: ignore[no-untyped-call]
 
 

@@ -24,7 +24,7 @@ from deployer.errors import RackserveError
 from deployer.planning.reconcile import Decision, Observed, decide
 from deployer.planning.redeploy import Deployed
 from deployer.planning.serve_config import APP_NAME
-from deployer.serving.applications import model_app_name, running_engines
+from deployer.serving.applications import engine_apps, running_engines
 from deployer.serving.launch import DeployOptions, Say, alive_by_label, deploy
 from deployer.serving.probe import connect
 from deployer.serving.state import FileStateStore, deployed_store
@@ -56,13 +56,14 @@ def observe(address: str, state_dir: Path | None) -> tuple[Deployed | None, Obse
         rows = alive_by_label(ray.nodes())  # type: ignore[no-untyped-call]
         applications = serve.status().applications
         placed = [p["model_id"] for p in (desired.placements if desired else [])]
-        engines = frozenset(m for m in placed if model_app_name(m) in applications)
+        apps = engine_apps(applications)
+        engines = frozenset(m for m in placed if m in apps)
         running = running_engines(applications)
         return desired, Observed(
             alive=frozenset(rows),
             ingress=APP_NAME in applications,
             engines=engines,
-            serving=frozenset(m for m in engines if model_app_name(m) in running),
+            serving=frozenset(m for m in engines if running.intersection(apps[m])),
             addresses={name: str(row["NodeManagerAddress"]) for name, row in rows.items()},
         )
     finally:
@@ -91,6 +92,7 @@ def act(
         allow_partial=True,
         plan_only=False,
         yes=True,  # the controller moves what a lost node held: that is its job
+        allow_downtime=True,  # and restores service first, beside the old engine or not
         lost=(*decision.lost, *_down_in_file(options.deploy, decision.lost, alive)),
         engine="standin" if desired.engine == "standin" else "vllm",
         http_host=str(settings.get("http_host", options.deploy.http_host)),

@@ -19,9 +19,10 @@ from rich.console import Console
 from deployer.cli.render import plain_lines, print_plan
 from deployer.config.cluster import parse_cluster
 from deployer.config.models_config import ModelConfig, ModelManager
+from deployer.errors import RackserveError
 from deployer.planning.placement import Plan
-from deployer.serving.applications import ENGINE_DEPLOYMENT, model_app_name
-from deployer.serving.launch import DeployOptions, deploy, down
+from deployer.serving.applications import ENGINE_DEPLOYMENT, current_app, engine_apps
+from deployer.serving.launch import DeployOptions, deploy, down, set_drained
 from deployer.serving.probe import connect
 from deployer.serving.reconcile import ReconcileOptions, reconcile_once
 from deployer.serving.standin import EngineReport
@@ -83,10 +84,10 @@ def read_reports(address: str, model_ids: list[str]) -> dict[str, EngineReport]:
         running = serve.status().applications
         reports = {}
         for model_id in model_ids:
-            if model_app_name(model_id) not in running:
+            if model_id not in engine_apps(running):
                 continue
             handle = serve.get_deployment_handle(
-                ENGINE_DEPLOYMENT, app_name=model_app_name(model_id)
+                ENGINE_DEPLOYMENT, app_name=current_app(running, model_id)
             )
             try:
                 reports[model_id] = handle.report.remote().result(timeout_s=120)
@@ -153,3 +154,25 @@ def alive_nodes(address: str) -> list[str]:
         )
     finally:
         ray.shutdown()
+
+
+def drain_standin(
+    node: str, drain: bool, cluster: str, address: str, state_dir: str, force: bool = False
+) -> str:
+    """`rackserve drain NODE --cluster FILE --state-dir DIR [--force]` (or `undrain`): what it
+    printed, and the error it ended with, if any (`error: ...`)."""
+    out = io.StringIO()
+    console = Console(file=out, width=160)
+    options = DeployOptions(
+        address=address,
+        cluster=parse_cluster(cluster, source="cluster file"),
+        state_dir=Path(state_dir),
+    )
+    try:
+        set_drained(
+            node, drain, options, plain_lines(console), lambda plan: print_plan(console, plan),
+            force=force,
+        )  # fmt: skip
+    except RackserveError as exc:
+        return f"{out.getvalue()}error: {exc}"
+    return out.getvalue()

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.unit
 
 X = "{model_id: x, gpu_memory_gib: 30}"
 Y = "{model_id: y, gpu_memory_gib: 30}"
+FIRST = "; the new engine starts first, the old stops once it serves"
 
 
 def diff(
@@ -51,21 +52,67 @@ def test_a_new_model_starts_and_a_removed_one_stops() -> None:
         "removed from the models",
         "",
     )
-    # x shared y's GPU: with y gone the plan gives x more KV cache, which restarts it, said so
+    # x shared y's GPU: with y gone the plan gives x more KV cache, which restarts it, said so;
+    # its new engine fits beside the old one on that GPU, so it starts first
     assert (changes["x"].action, changes["x"].why) == (
         "restart",
-        "launch description changed: engine_kwargs.gpu_memory_utilization",
+        "launch description changed: engine_kwargs.gpu_memory_utilization" + FIRST,
     )
     assert [c.model_id for c in disruptive(list(changes.values()))] == ["x", "y"]
 
 
-def test_a_changed_setting_restarts_in_place_and_names_the_field() -> None:
+def test_a_changed_setting_starts_beside_the_old_engine_and_names_the_field() -> None:
     before = deployed(X, Y)
     changes = diff(models(X, "{model_id: y, gpu_memory_gib: 30, max_model_len: 4096}"), before)
     assert changes["x"].action == "keep"
-    assert changes["y"].action == "restart", changes["y"]
-    assert changes["y"].before == changes["y"].after
-    assert changes["y"].why == "changed: max_model_len"
+    # y runs alone on a GPU of b: its new engine takes b's other GPU while the old one serves
+    assert changes["y"].action == "move", changes["y"]
+    assert changes["y"].before.split()[0] == changes["y"].after.split()[0] == "b"
+    assert changes["y"].why == "changed: max_model_len" + FIRST
+
+
+def test_without_room_for_both_a_changed_model_stops_first_and_says_so() -> None:
+    one_gpu = Cluster(nodes=[node("a", 1)])
+    wanted = models("{model_id: y, gpu_memory_gib: 50}")
+    before = record(wanted, deploy(wanted, None, one_gpu))
+    changes = diff(models("{model_id: y, gpu_memory_gib: 50, max_num_seqs: 8}"), before, one_gpu)
+    assert changes["y"].action == "restart"
+    assert changes["y"].why == "changed: max_num_seqs; no room for both: stops first"
+
+
+def test_a_drained_nodes_models_move_beside_their_running_engines() -> None:
+    wanted = models(X, Y)
+    before = record(wanted, deploy(wanted, None))
+    on_b = [p["model_id"] for p in before.placements if p["node"] == "b"]
+    on_a = [p["model_id"] for p in before.placements if p["node"] == "a"]
+    running = list(before.engines)
+    for drained in ("a", "b"):
+        here = on_a if drained == "a" else on_b
+        change = replan(
+            CLUSTER, wanted, estimate_models(wanted), before, running, 0.0, drained=[drained]
+        )
+        assert all(p.node != drained for p in change.plan.placements)
+        assert sorted(change.make_before_break) == sorted(here)
+        assert change.downtime == []
+        assert not set(here) & set(change.stop)  # their old engines stop after, not before
+        assert sorted(change.keep) == sorted(set(running) - set(here))
+        found = {c.model_id: c for c in plan_diff(before, running, change, models_document(wanted),
+                                                   drained=[drained])}  # fmt: skip
+        for model_id in here:
+            assert found[model_id].action == "move"
+            assert found[model_id].why == f"node {drained} is drained" + FIRST
+
+
+def test_a_model_pinned_to_a_drained_node_is_unplaced_with_what_to_do() -> None:
+    wanted = models(X, "{model_id: y, gpu_memory_gib: 30, node: b}")
+    before = record(wanted, deploy(wanted, None))
+    change = replan(
+        CLUSTER, wanted, estimate_models(wanted), before, list(before.engines), 0.0, drained=["b"]
+    )
+    (unplaced,) = change.plan.unplaced
+    assert unplaced.model_id == "y"
+    assert "drained; undrain it or change the model's node" in unplaced.reason
+    assert "y" in change.stop
 
 
 def test_a_model_that_grows_past_its_gpu_moves_and_says_from_where_to_where() -> None:

@@ -84,14 +84,18 @@ def test_adding_a_model_leaves_the_others_running_where_they_are() -> None:
     assert pair_node != "a" or not held & set(pair_gpus)
 
 
-def test_removing_and_changing_models_stops_them_first() -> None:
+def test_a_removed_model_stops_and_a_changed_one_starts_beside_its_old_engine() -> None:
     first = models("{model_id: x, gpu_memory_gib: 70}", "{model_id: y, gpu_memory_gib: 70}")
     before = deploy(first, None)
     changed = models("{model_id: x, gpu_memory_gib: 70, max_num_seqs: 4}")
     after = deploy(changed, record(first, before))
-    assert after.stop == ["x", "y"]
+    assert after.stop == ["y"]
     assert [s.model_id for s in after.start] == ["x"]
     assert after.keep == []
+    assert after.make_before_break == ["x"]
+    assert after.downtime == []
+    # 70 GiB twice does not fit one 80 GiB GPU: the new x is planned off the old one's GPU
+    assert gpus(after)["x"] != gpus(before)["x"]
 
 
 def test_a_neighbour_whose_share_changes_is_restarted_not_kept_in_place() -> None:
