@@ -291,6 +291,14 @@ def deploy(
         ),
     ] = False,
     allow_downtime: AllowDowntimeOption = False,
+    rebalance: Annotated[
+        bool,
+        typer.Option(
+            "--rebalance",
+            help="Plan every model afresh (fewest GPUs, then fewest nodes) instead of keeping "
+            "running models where they are; those that move start beside their old engines.",
+        ),
+    ] = False,
 ) -> None:
     """Probe, plan and launch the models: an engine application each, one OpenAI endpoint.
 
@@ -320,6 +328,7 @@ def deploy(
         state_dir=state_dir_or_default(state_dir),
         yes=yes,
         allow_downtime=allow_downtime,
+        rebalance=rebalance,
     )
     run_deploy(
         registry,

@@ -18,7 +18,8 @@ from deployer.config.cluster import Cluster, Gpu, Node
 from deployer.config.models_config import ModelManager
 from deployer.config.units import GIB, MIB
 from deployer.planning.estimate import MemoryEstimate
-from deployer.planning.placement import Demand, Plan, Unplaced
+from deployer.planning.packing import CAPACITY
+from deployer.planning.placement import Demand, Plan, Unplaced, ray_assigns_bundle
 from deployer.planning.serve_config import EngineSpec, engine_specs
 from deployer.planning.workflow import plan_models
 
@@ -203,6 +204,7 @@ def replan(
     memory_counts_ours: bool = True,
     lost: Collection[str] = (),
     drained: Collection[str] = (),
+    rebalance: bool = False,
 ) -> Redeploy:
     """Plan `models` onto `cluster` keeping in place every engine in `running` that stays as is.
 
@@ -213,7 +215,9 @@ def replan(
     engines running (a probe) or not (a cluster file, whose figures never move). Engines on
     `lost` nodes are stopped and placed again elsewhere (a model pinned there stays unplaced).
     `drained` nodes get no engine: theirs move elsewhere, make-before-break where there is room
-    (as do restarted engines): see `Redeploy.make_before_break`.
+    (as do restarted engines): see `Redeploy.make_before_break`. `rebalance` plans every model
+    afresh, as on an empty cluster: an engine whose place comes out the same is kept, the others
+    move.
     """
     cluster = Cluster(nodes=[n for n in cluster.nodes if n.name not in drained])
     replace_all = deployed is not None and deployed.engine != engine
@@ -231,7 +235,7 @@ def replan(
         ]
         models = ModelManager([m for m in models if m.model_id not in stranded])
         estimates = kept_estimates
-    pinned = keep_on_their_nodes(models, deployed, out)
+    pinned = models if rebalance else keep_on_their_nodes(models, deployed, out)
     freed = with_own_memory_freed(cluster, deployed) if memory_counts_ours else cluster
     before: Mapping[str, Mapping[str, Any]] = deployed.engines if deployed else {}
     wanted = {m.model_id for m in models}
@@ -242,6 +246,7 @@ def replan(
         and p["model_id"] in running
         and p["model_id"] in wanted
         and p["node"] not in drained
+        and not rebalance
     }
     on_gpus = set(in_place)  # running on GPUs: kept only where they run
     while True:
@@ -340,7 +345,7 @@ def _make_before_break(
     plan, changed, running, before = planned
     names = {n.name for n in cluster.nodes}
     held = [p for p in old if p["node"] in names]
-    if not held:
+    if not held or fits_beside(plan, changed, held, cluster):
         return plan, engine_specs(plan, models, cluster)
     holders = [
         Demand(
@@ -378,6 +383,64 @@ def _make_before_break(
     if not restarted <= changed or kept_moved or ours & restarted:
         return None
     return trial, specs
+
+
+def fits_beside(
+    plan: Plan, started: Collection[str], held: Sequence[Mapping[str, Any]], cluster: Cluster
+) -> bool:
+    """True when the engines `started` can start as `plan` places them while `held` still run.
+
+    `held`: old engines' placements (as recorded). A new engine takes no GPU an old one holds
+    (its share of a GPU's leftover memory assumes the GPU's other tenants are the plan's), and
+    on a CPU node the old engines' memory fits beside the plan's; replaying Ray's GPU choice
+    (`ray_assigns_bundle`) with the old engines' bundles still held gives the planned GPUs.
+    """
+    holding = {(p["node"], gpu) for p in held for gpu in p["gpus"]}
+    fills = {(f.node, f.index): f for f in plan.fills}
+    for p in plan.placements:
+        if p.model_id not in started:
+            continue
+        if p.device == "cpu":
+            beside = sum(round(h["gpu_memory_gib"] * GIB) for h in held if h["node"] == p.node)
+            fill = fills[(p.node, None)]
+            if beside and fill.booked_bytes + beside > fill.usable_bytes:
+                return False
+        elif any((p.node, gpu) in holding for gpu in p.gpus):
+            return False
+    if plan.device == "cpu":
+        return True
+    nodes = {n.name: n for n in cluster.nodes}
+    room = {name: [CAPACITY] * len(node.gpus) for name, node in nodes.items()}
+    position = {name: {g.index: k for k, g in enumerate(node.gpus)} for name, node in nodes.items()}
+
+    def units(fraction: float | None, tensor_parallel: int) -> int:
+        return CAPACITY if tensor_parallel > 1 else round((fraction or 1.0) * CAPACITY)
+
+    holders = [
+        (h["node"], h["gpus"], units(h["gpu_fraction"], h["tensor_parallel_size"])) for h in held
+    ]
+    kept = [
+        (p.node, p.gpus, units(p.gpu_fraction, p.tensor_parallel_size))
+        for p in plan.placements
+        if p.model_id not in started
+    ]
+    for node, gpus, size in [*holders, *kept]:
+        for gpu in gpus:
+            k = position[node][gpu]
+            room[node][k] -= min(size, room[node][k])
+    for p in plan.placements:  # in launch order
+        if p.model_id not in started:
+            continue
+        size = units(p.gpu_fraction, p.tensor_parallel_size)
+        taken: list[int] = []
+        for _ in range(p.tensor_parallel_size if size == CAPACITY else 1):
+            got = ray_assigns_bundle(room[p.node], size)
+            if got is None:
+                return False
+            taken.extend(got)
+        if sorted(nodes[p.node].gpus[k].index for k in taken) != sorted(p.gpus):
+            return False
+    return True
 
 
 def without_holders(plan: Plan, holders: Mapping[str, int]) -> Plan:

@@ -101,6 +101,8 @@ class DeployOptions:
     """Stop an engine before its new one starts when there is no room for both (the controller)."""
     drained: tuple[str, ...] | None = None
     """Nodes to leave empty (`drain`, `undrain`); None: those the last deploy left drained."""
+    rebalance: bool = False
+    """Plan every model afresh instead of keeping running ones where they are (`--rebalance`)."""
 
 
 class NoRoomError(RackserveError):
@@ -205,7 +207,7 @@ def _deploy(
         and list(drained) == deployed.drained
         and not deployed.unplaced()  # a plan now may find them room
     )
-    if unchanged and running and not options.lost:
+    if unchanged and running and not options.lost and not options.rebalance:
         say("nothing to change: these models are deployed as planned")
         return None
     cluster = _cluster_for(options, drained)
@@ -225,6 +227,7 @@ def _deploy(
         memory_counts_ours=options.cluster is None,
         lost=options.lost,
         drained=drained,
+        rebalance=options.rebalance,
     )
     plan = change.plan
     on_plan, on_diff, confirm = shown

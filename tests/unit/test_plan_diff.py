@@ -160,3 +160,27 @@ def test_changed_fields_gives_dotted_paths() -> None:
     after = {"a": 1, "engine_kwargs": {"max_model_len": 2, "dtype": "auto", "seed": 0}}
     assert changed_fields(before, after) == ["engine_kwargs.max_model_len", "engine_kwargs.seed"]
     assert changed_fields(None, {"a": 1}) == [""]
+
+
+def test_a_rebalance_plans_as_on_an_empty_cluster_and_moves_only_what_lands_elsewhere() -> None:
+    wanted = models(
+        "{model_id: x, gpu_memory_gib: 50}",
+        "{model_id: y, gpu_memory_gib: 20}",
+        "{model_id: z, gpu_memory_gib: 20}",
+    )
+    # deployed while b was drained: everything on a, where an empty cluster's plan puts nothing
+    first = replan(CLUSTER, wanted, estimate_models(wanted), None, [], 0.0, drained=["b"])
+    before = record(wanted, first)
+    assert {p["node"] for p in before.placements} == {"a"}
+    running = list(before.engines)
+    fresh = replan(CLUSTER, wanted, estimate_models(wanted), None, [], 0.0)
+    change = replan(CLUSTER, wanted, estimate_models(wanted), before, running, 0.0, rebalance=True)
+    where = {p.model_id: (p.node, p.gpus) for p in change.plan.placements}
+    assert where == {p.model_id: (p.node, p.gpus) for p in fresh.plan.placements}
+    was = {p["model_id"]: (p["node"], tuple(p["gpus"])) for p in before.placements}
+    assert sorted(change.keep) == sorted(m for m in was if was[m] == where[m])
+    assert sorted(change.make_before_break) == sorted(m for m in was if was[m] != where[m])
+    assert change.make_before_break
+    assert change.stop == [] and change.downtime == []
+    kept = replan(CLUSTER, wanted, estimate_models(wanted), before, running, 0.0)
+    assert sorted(kept.keep) == ["x", "y", "z"]  # without it, nothing moves
