@@ -63,7 +63,14 @@ def install_serve_stack(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """Pytest: unit, integration (real Ray) and end-to-end (real vLLM on CPU) tests."""
     install_serve_stack(session, "test", "bootstrap")
-    session.run("pytest", *(session.posargs or ["tests"]))
+    session.run("pytest", *(session.posargs or ["tests", "-m", "not lifecycle"]))
+
+
+@nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
+def lifecycle(session: nox.Session) -> None:
+    """Day-2 playbooks (scale, drain, upgrade, remove-node) on a 4-host rack-in-a-box (root)."""
+    install_serve_stack(session, "test", "bootstrap")
+    session.run("pytest", *(session.posargs or ["tests", "-m", "lifecycle"]))
 
 
 @nox.session(python=PYTHON, venv_backend="virtualenv", default=False)

@@ -28,7 +28,7 @@ from rich.table import Table
 from deployer.config.documents import DocumentError, decode_utf8, parse_yaml, read_bytes
 from deployer.errors import ConfigError, MissingExtraError, RackserveError
 
-PLAYBOOKS = ("site", "reset")
+PLAYBOOKS = ("site", "reset", "scale", "remove-node", "upgrade")
 BOOTSTRAP_HINT = (
     "install the bootstrap extra: pip install 'rackserve[bootstrap]' "
     "(from a checkout: pip install -e '.[bootstrap]')"

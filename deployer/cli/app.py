@@ -644,7 +644,13 @@ def bootstrap(
         Path, typer.Option("--inventory", "-i", help="The rack's inventory (hosts.yml).")
     ],
     playbook: Annotated[
-        str, typer.Option("--playbook", "-p", help="site (bootstrap) or reset (tear down).")
+        str,
+        typer.Option(
+            "--playbook",
+            "-p",
+            help="site (bootstrap), reset (tear down), scale (add workers), remove-node "
+            "(-e node=NAME) or upgrade (rolling).",
+        ),
     ] = "site",
     limit: Annotated[
         str | None, typer.Option("--limit", "-l", help="Only these hosts or groups.")

@@ -15,7 +15,6 @@ host) and the power cuts.
 from __future__ import annotations
 
 import ast
-import io
 import json
 import os
 import shlex
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from tests.rack.conftest import booted, skip_or_fail
+from tests.rack.playbooks import Run, bootstrap
 from tools import demo_standin
 from tools.client_loop import ClientLoop, wait_answering
 from tools.prometheus import Prometheus
@@ -134,35 +134,6 @@ def test_inventory_points_python_env_at_the_wheelhouse(
 
 
 # ---------------------------------------------------------------- the booted rack
-
-
-class Run:
-    """One playbook run: the BootstrapResult and what it printed."""
-
-    def __init__(self, result: Any, output: str) -> None:
-        self.result = result
-        self.output = output
-
-    def changed(self) -> dict[str, int]:
-        return {host: counts["changed"] for host, counts in self.result.stats.items()}
-
-    def explain(self) -> str:
-        failures = "\n".join(f"{f.host}: {f.task}: {f.message}" for f in self.result.failures)
-        return f"failures:\n{failures}\noutput (tail):\n{self.output[-6000:]}"
-
-
-def bootstrap(rack: Rack, playbook: str = "site", **kwargs: Any) -> Run:
-    """Run a playbook on the rack like `rackserve bootstrap`, keeping its progress output."""
-    from rich.console import Console  # noqa: PLC0415
-
-    from deployer.bootstrap.runner import run_playbook  # noqa: PLC0415 - the bootstrap extra
-
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=200, no_color=True, soft_wrap=True)
-    result = run_playbook(rack.inventory, playbook, console=console, **kwargs)
-    print(buffer.getvalue())  # shown by pytest when a test fails
-    print(f"{playbook}.yml {'--check ' if kwargs.get('check') else ''}{result.elapsed_s:.1f} s")
-    return Run(result, buffer.getvalue())
 
 
 @pytest.fixture(scope="module")

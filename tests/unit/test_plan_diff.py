@@ -181,6 +181,7 @@ def test_a_rebalance_plans_as_on_an_empty_cluster_and_moves_only_what_lands_else
     assert sorted(change.keep) == sorted(m for m in was if was[m] == where[m])
     assert sorted(change.make_before_break) == sorted(m for m in was if was[m] != where[m])
     assert change.make_before_break
-    assert change.stop == [] and change.downtime == []
+    assert change.stop == []
+    assert change.downtime == []
     kept = replan(CLUSTER, wanted, estimate_models(wanted), before, running, 0.0)
     assert sorted(kept.keep) == ["x", "y", "z"]  # without it, nothing moves

@@ -140,12 +140,19 @@ class Rack:
         return ssh(self.private_key, self.host(host).ip, command, check=check, timeout=timeout)
 
     def write_inventory(
-        self, path: Path | None = None, extra_vars: Mapping[str, Any] | None = None
+        self,
+        path: Path | None = None,
+        extra_vars: Mapping[str, Any] | None = None,
+        hosts: Sequence[HostSpec] | None = None,
     ) -> Path:
-        """Write an inventory for the rack (default: `.inventory`), `extra_vars` in `all.vars`."""
+        """Write an inventory for the rack (default: `.inventory`), `extra_vars` in `all.vars`.
+
+        `hosts`: the hosts it lists (default: all; the first is the head), e.g. all but one that
+        a test adds later with playbooks/scale.yml.
+        """
         offline = {"python_env_wheelhouse": WHEELHOUSE_MOUNT} if self.spec.wheelhouse else {}
         variables = {**offline, **self.inventory_vars, **(extra_vars or {})}
-        data = inventory_data(self.hosts, self.private_key, variables)
+        data = inventory_data(hosts or self.hosts, self.private_key, variables)
         return write_inventory(path or self.inventory, data)
 
     def up(self) -> Path:

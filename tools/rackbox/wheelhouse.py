@@ -217,17 +217,26 @@ def _pip(python: str, *args: str, offline: bool = False) -> subprocess.Completed
     return done
 
 
-def build_rackserve_wheel(python: str, into: Path) -> Path:
+def build_rackserve_wheel(python: str, into: Path, version: str | None = None) -> Path:
     """This repository's wheel (no dependencies), built into `into`.
 
     Built from a clean copy of the package sources and the top-level files (pyproject.toml,
     README.md): an in-tree build would pack whatever a stale build/ directory still holds.
+    `version` replaces pyproject.toml's (an upgrade to roll out in a test).
     """
     source = into / "source"
     source.mkdir(parents=True)
     for path in REPO.iterdir():
         if path.is_file():
             shutil.copy2(path, source / path.name)
+    if version is not None:
+        project = source / "pyproject.toml"
+        text, count = re.subn(
+            r'(?m)^version = "[^"]*"$', f'version = "{version}"', project.read_text(), count=1
+        )
+        if count != 1:
+            raise RackError('pyproject.toml has no `version = "..."` line to replace')
+        project.write_text(text)
     for package in PACKAGE_DIRS:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         shutil.copytree(REPO / package, source / package, ignore=ignore)
