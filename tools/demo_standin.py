@@ -40,14 +40,15 @@ import dataclasses, json, os, sys
 os.environ["RAY_ADDRESS"] = sys.argv[1]
 import ray
 from ray import serve
-from deployer.serving.applications import model_app_name
+from deployer.serving.applications import current_app
 from deployer.serving.launch import model_statuses
 statuses = model_statuses(sys.argv[1])
 ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], logging_level="ERROR",
          log_to_driver=False)
+apps = serve.status().applications
 found = []
 for status in statuses:
-    report = serve.get_app_handle(model_app_name(status.model_id)).report.remote().result()
+    report = serve.get_app_handle(current_app(apps, status.model_id)).report.remote().result()
     found.append({"status": dataclasses.asdict(status), "report": dataclasses.asdict(report)})
 print("RACKSERVE-STANDIN " + json.dumps(found), flush=True)
 os._exit(0)
