@@ -28,13 +28,13 @@ import pytest
 import yaml
 
 from tests.rack.conftest import booted, skip_or_fail
-from tests.rack.playbooks import Run, bootstrap
 from tools import demo_standin
 from tools.client_loop import ClientLoop, wait_answering
 from tools.prometheus import Prometheus
 from tools.rackbox import Rack, RackError, RackUnavailable, check_machine
 from tools.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
 from tools.rackbox.nspawn import nspawn_argv
+from tools.rackbox.playbooks import Run, bootstrap
 from tools.rackbox.rack import check_binds
 from tools.rackbox.state import HostState
 from tools.rackbox.wheelhouse import (
