@@ -56,7 +56,7 @@ def install_serve_stack(session: nox.Session, *extras: str) -> None:
     """
     session.install("-e", ".[cpu]")
     session.install("-e", ".[" + ",".join(("serve", *extras)) + "]")
-    session.run("python", "-m", "pip", "uninstall", "--yes", "--quiet", *CPU_STACK_BROKEN)
+    session.run_install("python", "-m", "pip", "uninstall", "--yes", "--quiet", *CPU_STACK_BROKEN)
 
 
 @nox.session(python=PYTHON, venv_backend="virtualenv")
