@@ -8,8 +8,8 @@ each request's answer, per model. In order, on one rack:
   undrain moves nothing back;
 - upgrade.yml rolls rackserve's own version (a wheel with a bumped version, bind-mounted in
   the hosts) over the two workers, each drained, upgraded, rejoined and undrained in turn, with
-  no failed request; then over the head, after which every model answers again (requests fail
-  while the head's Ray restarts: its HTTP proxy and the ingress run there);
+  no failed request (the head's turn, `upgrade_workers=false`, is left out here for CI's time:
+  requests fail while its Ray restarts, as the README's measured table shows);
 - scale.yml adds the third worker (the inventory now asks for the new version): Ray lists four
   nodes, the engines' replicas keep their start times, and no request fails;
 - remove-node.yml resets a worker, which leaves Ray; then, on a worker whose power was cut,
@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.rack.conftest import booted, skip_or_fail
-from tools.client_loop import ClientLoop, wait_answering
+from tools.client_loop import wait_answering
 from tools.rackbox import Rack, RackUnavailable, check_machine
 from tools.rackbox.cluster import SITE_DEBS, wait_for_alive_nodes
 from tools.rackbox.day_two import (
@@ -126,13 +125,11 @@ def venv_version(rack: Rack, host: HostSpec) -> str:
     return shown.stdout.strip()
 
 
-def test_upgrade_rolls_a_new_rackserve_over_the_workers_then_the_head(
-    rack: Rack, converged: Run
-) -> None:
+def test_upgrade_rolls_a_new_rackserve_over_the_workers(rack: Rack, converged: Run) -> None:
     head, workers = rack.hosts[0], rack.hosts[1:3]  # the fourth is not in the rack yet
-    bump = {"skip_confirmation": True, **UPGRADE_VARS}
+    extravars = {"skip_confirmation": True, "upgrade_head": False, **UPGRADE_VARS}
     step = measured(rack, "upgrade.yml over two workers", lambda: bootstrap(
-        rack, "upgrade", extravars={**bump, "upgrade_head": False}
+        rack, "upgrade", extravars=extravars
     ))  # fmt: skip
     assert step.result.result.ok, step.result.explain()
     assert_none_failed(step)
@@ -140,17 +137,6 @@ def test_upgrade_rolls_a_new_rackserve_over_the_workers_then_the_head(
         assert venv_version(rack, worker) == UPGRADE_VERSION
     assert venv_version(rack, head) != UPGRADE_VERSION
     assert status(rack)["drained"] == []
-    loop = ClientLoop(SERVE_PORT, list(MODELS), pause_s=0.2, host=head.ip, timeout_s=30)
-    with loop:
-        started = time.monotonic()
-        rolled = bootstrap(rack, "upgrade", extravars={**bump, "upgrade_workers": False})
-        assert rolled.result.ok, rolled.explain()
-        for model_id in MODELS:
-            loop.wait_answered(model_id, time.monotonic(), 300)
-    head_step = Measured("upgrade.yml, the head", time.monotonic() - started, loop.counts,
-                         started, rolled)  # fmt: skip
-    print(f"\n{head_step.describe()} (its proxy and the ingress restart)")
-    assert venv_version(rack, head) == UPGRADE_VERSION
     shown = status(rack)
     assert all(m["healthy"] for m in shown["models"]), shown
 

@@ -147,7 +147,8 @@ def site_rack() -> Iterator[Rack]:
     wheelhouse = ensure_wheelhouse()  # needs PyPI the first time; a failure here is a failure
     print(wheelhouse.describe())
     rack = Rack(3, prefix=PREFIX, network=NETWORK, wheelhouse=wheelhouse.path,
-                inventory_vars=SITE_VARS, prefetch=SITE_DEBS, replace=True)  # fmt: skip
+                inventory_vars=SITE_VARS, prefetch=SITE_DEBS, replace=True,
+                stop_timeout_s=10)  # fmt: skip  # nothing to drain when it goes
     yield from booted(rack)
 
 
