@@ -119,7 +119,7 @@ def bench_recovery(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
 def bench_bootstrap(session: nox.Session) -> None:
-    """Bootstrap wall times on the rack-in-a-box (root): 3-host and 1-host converges, no-op run."""
+    """Bootstrap wall times on the rack-in-a-box (root): converges, no-op run, day-2 steps."""
     session.install("-e", ".[bootstrap]")  # pip (virtualenv) builds the hosts' wheelhouse
     session.run("python", "benchmarks/bootstrap.py", *session.posargs, env=REPO_ON_PATH)
 
