@@ -136,8 +136,8 @@ def test_upgrade_rolls_a_new_rackserve_over_the_workers(rack: Rack, converged: R
     for worker in workers:
         assert venv_version(rack, worker) == UPGRADE_VERSION
     assert venv_version(rack, head) != UPGRADE_VERSION
-    assert status(rack)["drained"] == []
     shown = status(rack)
+    assert shown["drained"] == []
     assert all(m["healthy"] for m in shown["models"]), shown
 
 
