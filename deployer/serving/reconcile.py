@@ -117,6 +117,38 @@ class Memory:
     joined: frozenset[str] = frozenset()
 
 
+class Tracker:
+    """The controller's bookkeeping of nodes between passes: pure, with the clock passed in.
+
+    A node counts as joined until a pass that could use it completes (a deploy or nothing to
+    do): a pass that fails (a node's probe not answering yet, Ray busy) or waits leaves the
+    join pending, so the models left unplaced are placed by a later pass, never forgotten.
+    """
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.last_seen: dict[str, float] = {}
+        self.usable: frozenset[str] = frozenset()
+        """The alive nodes the last completed pass could place models on."""
+
+    def memory(self, desired: Deployed | None, alive: frozenset[str], now: float) -> Memory:
+        """What `decide` needs for this pass, given the nodes Ray shows alive now."""
+        for node in alive:
+            self.last_seen[node] = now
+        self.usable &= alive  # a node that went away and comes back joins again
+        used = {p["node"] for p in (desired.placements if desired else [])}
+        return Memory(
+            {n: now - self.last_seen.get(n, self.started) for n in used if n not in alive},
+            never_seen=frozenset(n for n in used if n not in self.last_seen),
+            joined=alive - self.usable,
+        )
+
+    def completed(self, decision: Decision, alive: frozenset[str]) -> None:
+        """A pass ended with `decision` (not raised): its nodes were usable unless it waited."""
+        if decision.action != "wait":
+            self.usable = alive
+
+
 def _down_in_file(
     options: DeployOptions, lost: tuple[str, ...], alive: frozenset[str]
 ) -> list[str]:
@@ -193,9 +225,7 @@ def run_controller(
 
     `seen` gets what each pass observed (the metrics exporter keeps it).
     """
-    last_seen: dict[str, float] = {}
-    alive_before: frozenset[str] = frozenset()
-    started = clock()
+    tracker = Tracker(clock())
     said = ""
     pause = interval_s
     count = 0
@@ -205,18 +235,9 @@ def run_controller(
             desired, observed = observe(options.deploy.address, options.deploy.state_dir)
             if seen is not None:
                 seen(desired, observed)
-            now = clock()
-            for node in observed.alive:
-                last_seen[node] = now
-            used = {p["node"] for p in (desired.placements if desired else [])}
-            gone = {n: now - last_seen.get(n, started) for n in used if n not in observed.alive}
-            memory = Memory(
-                gone,
-                never_seen=frozenset(n for n in used if n not in last_seen),
-                joined=observed.alive - alive_before,
-            )
-            alive_before = observed.alive
+            memory = tracker.memory(desired, observed.alive, clock())
             decision = reconcile_once(options, say, memory, (desired, observed))
+            tracker.completed(decision, observed.alive)
             line = f"{decision.action}: {decision.reason}"
             pause = interval_s
         except RackserveError as exc:

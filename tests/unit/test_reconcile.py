@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployer.planning.reconcile import Observed, decide
+from deployer.planning.reconcile import Decision, Observed, decide
 from deployer.planning.redeploy import Deployed, replan
+from deployer.serving.reconcile import Tracker
 from deployer.sources.estimates import estimate_models
 from tests.unit.test_redeploy import CLUSTER, deploy, gpus, models, record
 
@@ -94,6 +95,37 @@ def test_a_model_left_unplaced_is_placed_again_when_a_node_joins() -> None:
     assert decide(nothing_placed, seen({"a"}, False, set()), {}, joined=frozenset("a")).action == (
         "deploy"
     )
+
+
+def test_a_join_stays_pending_until_a_pass_that_could_place_on_it_completes() -> None:
+    """The controller's bookkeeping: worker c boots while a pass fails (its probe not answering
+    yet). The unplaced model is placed by the next pass, not forgotten (a CI run waited 300 s)."""
+    full = deployed()
+    without_z = Deployed(
+        models=full.models,
+        placements=[p for p in full.placements if p["model_id"] != "z"],
+        engines={m: e for m, e in full.engines.items() if m != "z"},
+    )
+    tracker = Tracker(started=0.0)
+
+    def next_pass(alive: str, now: float) -> Decision:
+        memory = tracker.memory(without_z, frozenset(alive), now)
+        observed = seen(set(alive), engines={"x", "y"})
+        return decide(without_z, observed, memory.gone_for_s, joined=memory.joined)
+
+    first = next_pass("ab", 1.0)
+    tracker.completed(first, frozenset("ab"))  # placed what it could
+    assert next_pass("ab", 2.0).action == "none"
+    booted = next_pass("abc", 3.0)
+    assert (booted.action, "z" in booted.reason) == ("deploy", True)
+    # that pass raised (no tracker.completed): the next one tries again
+    again = next_pass("abc", 4.0)
+    assert again.action == "deploy"
+    tracker.completed(again, frozenset("abc"))
+    assert next_pass("abc", 5.0).action == "none"  # tried with c: no retry loop
+    assert next_pass("ab", 6.0).action == "none"  # c away ...
+    assert next_pass("abc", 7.0).action == "deploy"  # ... and back: it joins again
+    assert tracker.memory(full, frozenset("a"), 20.0).gone_for_s == {"b": 13.0}  # seen at 7.0
 
 
 def test_re_planning_without_a_lost_node_moves_only_its_models() -> None:
