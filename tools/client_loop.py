@@ -41,15 +41,22 @@ class Counts:
 
 
 def ask(
-    port: int, model_id: str, host: str = HEAD_IP, timeout_s: float = REQUEST_TIMEOUT_S
+    port: int,
+    model_id: str,
+    host: str = HEAD_IP,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+    api_key: str | None = None,
 ) -> str | None:
     """One chat request; None when the model's engine answered, else what went wrong."""
+    headers = {"Content-Type": "application/json"}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(
         f"http://{host}:{port}/v1/chat/completions",
         data=json.dumps(
             {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         ).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -83,8 +90,10 @@ class ClientLoop:
         pause_s: float = 0.0,
         host: str = HEAD_IP,
         timeout_s: float = REQUEST_TIMEOUT_S,
+        api_key: str | None = None,
     ) -> None:
         self.counts = {m: Counts() for m in model_ids}
+        self._api_key = api_key
         self._pause_s = pause_s
         self._host = host
         self._timeout_s = timeout_s
@@ -99,7 +108,7 @@ class ClientLoop:
             if self._stop.is_set():
                 return
             sent = time.monotonic()
-            problem = ask(port, model_id, self._host, self._timeout_s)
+            problem = ask(port, model_id, self._host, self._timeout_s, self._api_key)
             if problem is None:
                 counts.answered.append(sent)
                 counts.slowest = max(counts.slowest, (time.monotonic() - sent, sent))

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from deployer import __version__
+from deployer.cli.keys import keys_app
 from deployer.cli.options import (
     check_output_target,
     print_error,
@@ -52,6 +53,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(keys_app)
 # Wide enough for the tables when output goes to a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 132)
 errors = Console(stderr=True)
@@ -249,6 +251,41 @@ HttpHostOption = Annotated[
 HttpPortOption = Annotated[
     int, typer.Option("--http-port", min=1, max=65535, help="Port of the OpenAI endpoint.")
 ]
+ApiKeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--api-keys",
+        help="The API key file on the head that the endpoint checks (`rackserve keys`). "
+        "Default: /etc/rackserve/api-keys.json when it exists.",
+        dir_okay=False,
+    ),
+]
+NoAuthOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-auth", help="Serve without API keys: anyone reaching the port may use every model."
+    ),
+]
+NO_KEYS = (
+    "the endpoint has no API keys: anyone who reaches its port may use every model. Add a key "
+    "with `rackserve keys add NAME --models ID,...` and deploy again, or pass --no-auth"
+)
+
+
+def api_key_file(given: Path | None, no_auth: bool) -> Path | None:
+    """The key file a deploy asks the endpoint to check, read here first; None: no keys."""
+    from deployer.serving.key_file import DEFAULT_KEY_FILE, read_keys  # noqa: PLC0415
+
+    if no_auth:
+        if given is not None:
+            raise ConfigError("--api-keys and --no-auth contradict each other: give one")
+        return None
+    path = given or (DEFAULT_KEY_FILE if DEFAULT_KEY_FILE.exists() else None)
+    if path is None:
+        errors.print(f"warning: {NO_KEYS}")
+        return None
+    read_keys(path)  # a missing, unreadable, open or broken file: refused before any change
+    return path.absolute()
 
 
 @app.command()
@@ -299,6 +336,8 @@ def deploy(
             "running models where they are; those that move start beside their old engines.",
         ),
     ] = False,
+    api_keys: ApiKeysOption = None,
+    no_auth: NoAuthOption = False,
 ) -> None:
     """Probe, plan and launch the models: an engine application each, one OpenAI endpoint.
 
@@ -316,6 +355,7 @@ def deploy(
     from deployer.serving.launch import deploy as run_deploy  # noqa: PLC0415
 
     registry = load_models(models)
+    keys = None if plan_only else api_key_file(api_keys, no_auth)
     options = DeployOptions(
         address,
         plan_only,
@@ -329,6 +369,7 @@ def deploy(
         yes=yes,
         allow_downtime=allow_downtime,
         rebalance=rebalance,
+        api_keys=keys,
     )
     run_deploy(
         registry,
@@ -561,7 +602,15 @@ def status(
             | {"memory": [dataclasses.asdict(d) for d in drifts if d.model_id == s.model_id]}
             for s in statuses
         ]
-        _write_json(json_out, {"models": models, "drained": shown.drained, "events": events})
+        _write_json(
+            json_out,
+            {
+                "models": models,
+                "drained": shown.drained,
+                "api_keys": shown.api_keys,
+                "events": events,
+            },
+        )
     if json_out != "-":  # on stdout, the JSON is all
         if events:
             console.print(events_table(events))
@@ -571,6 +620,8 @@ def status(
             console.print(f"no {APP_NAME!r} application is deployed")
         if shown.drained:
             console.print(f"drained (no model is placed there): {', '.join(shown.drained)}")
+        if statuses and shown.api_keys is None:
+            errors.print(f"warning: {NO_KEYS}")
     if not all(s.healthy for s in statuses):
         raise typer.Exit(ExitCode.NOT_SERVING)
 

@@ -144,7 +144,9 @@ def engine_application(spec: EngineSpec, engine: Engine = "vllm") -> Any:
     return deployment.options(func_or_class=StandInEngine).bind(llm_config=config.model_dump())
 
 
-def ingress_key(specs: Sequence[EngineSpec], prefix: str, cpu_only: bool) -> str:
+def ingress_key(
+    specs: Sequence[EngineSpec], prefix: str, cpu_only: bool, api_keys: str | None = None
+) -> str:
     """What the ingress application is built from, besides where the engines run.
 
     Two deploys with the same key need not restart the ingress: it holds handles to the
@@ -154,25 +156,33 @@ def ingress_key(specs: Sequence[EngineSpec], prefix: str, cpu_only: bool) -> str
         (s.model_id, s.llm_config.get("engine_kwargs", {}).get("max_model_len")) for s in specs
     )
     key: dict[str, Any] = {"cards": cards, "prefix": prefix, "cpu_only": cpu_only}
+    if api_keys is not None:  # absent without keys: an ingress from before keys is unchanged
+        key["api_keys"] = api_keys
     return json.dumps(key, default=str)
 
 
 def ingress_application(
-    specs: Sequence[EngineSpec], cpu_only: bool, apps: Mapping[str, str] | None = None
+    specs: Sequence[EngineSpec],
+    cpu_only: bool,
+    apps: Mapping[str, str] | None = None,
+    api_keys: str | None = None,
 ) -> Any:
     """The ingress over handles to the engines' applications, as `build_openai_app` builds it.
 
     `apps`: each model's engine application now (slot 0 for those not given); the ingress
-    follows an engine that moves to its other slot by itself.
+    follows an engine that moves to its other slot by itself. `api_keys`: the key file on the
+    head that every request's key is checked against (`deployer.serving.auth`); None: no keys.
 
     The class is `RackserveIngress` (`deployer.serving.ingress`): Serve LLM's `OpenAiIngress`
     answering a prompt 503 for a model with no running engine. One replica, on the head.
     """
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import init
     from ray.serve.llm import LLMConfig
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
+    from deployer.serving.auth import ApiKeyMiddleware  # noqa: PLC0415 - imports Ray
     from deployer.serving.ingress import RackserveIngress  # noqa: PLC0415 - imports Ray
 
     configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
@@ -192,5 +202,9 @@ def ingress_application(
         for c in configs
     }
     cards = {c.model_id: to_model_metadata(c.model_id, c) for c in configs}
-    deployment: Any = serve.deployment(make_fastapi_ingress(RackserveIngress), **options)
+    app = init()  # Serve LLM's app and middlewares; the key check goes in front of them
+    if api_keys is not None:
+        app.add_middleware(ApiKeyMiddleware, key_file=api_keys)
+    ingress = make_fastapi_ingress(RackserveIngress, app=app)
+    deployment: Any = serve.deployment(ingress, **options)
     return deployment.bind(llm_deployments=handles, model_cards=cards)

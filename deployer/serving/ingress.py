@@ -14,6 +14,13 @@ down, with an OpenAI-style 503 naming the model. Other models are not touched. A
 refreshed for `STATUS_STALE_S` (Serve's controller away, the head restarting) lets requests
 through to the last engine seen serving, so replicas that outlive the head keep answering.
 
+With API keys on (`deployer.serving.auth` checked the key before any route), a model outside
+the key's allow-list is answered 404, as a model that does not exist is (its existence is not
+told), and `/v1/models` lists only the key's models. Each key's requests and tokens are counted
+per model (`rackserve_api_requests`, `rackserve_api_tokens` by kind: prompt or completion);
+tokens come from the engine's `usage`, which a stream is asked for and which is then removed
+from the stream unless the client asked for it.
+
 This module imports Ray at the top: only `applications.ingress_application` imports it.
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -28,14 +36,22 @@ from typing import Any
 from fastapi import status
 from ray import serve
 from ray.llm._internal.common.utils.lora_utils import get_base_model_id
-from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ModelCard,
+    ModelList,
+    OpenAIHTTPException,
+)
 from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.metrics import Counter
+from starlette.requests import Request
 
+from deployer.config.api_keys import ApiKey
 from deployer.serving.applications import (
     ENGINE_DEPLOYMENT,
     ROUTE_REFRESH_S,
     serving_routes,
 )
+from deployer.serving.auth import CALLER, REQUESTS_METRIC, TOKENS_METRIC
 
 STATUS_TIMEOUT_S = 5.0
 """A status read that takes longer is abandoned (the controller away) and tried again."""
@@ -56,6 +72,16 @@ class RackserveIngress(OpenAiIngress):
         self._configured: dict[tuple[str, str], Any] = {}
         self._seen = float("-inf")
         self._watch: asyncio.Task[None] | None = None
+        self._requests = Counter(
+            REQUESTS_METRIC,
+            description="Requests to a model, by API key name.",
+            tag_keys=("key", "model"),  # type: ignore[arg-type]  # Ray's hint: tuple[str]
+        )
+        self._tokens = Counter(
+            TOKENS_METRIC,
+            description="Tokens of a model's requests (kind: prompt, completion), by API key.",
+            tag_keys=("key", "model", "kind"),  # type: ignore[arg-type]
+        )
 
     def _watching(self) -> None:
         if self._watch is None or self._watch.done():
@@ -112,10 +138,66 @@ class RackserveIngress(OpenAiIngress):
             type="ServiceUnavailable",
         )
 
+    # FastAPI passes the request to a route that asks for it: these two routes take it.
+    async def models(self, request: Request) -> ModelList:  # type: ignore[override]
+        """`/v1/models`: every model, or with API keys only those the key may use."""
+        listed = await super().models()
+        key = caller(request)
+        if key is None:
+            return listed
+        return ModelList(data=[card for card in listed.data if key.allows(card.id)])
+
+    async def model_data(self, model: str, request: Request) -> ModelCard:  # type: ignore[override]
+        """`/v1/models/{model}`: 404 for a model the key may not use, as for an unknown one."""
+        key = caller(request)
+        if key is not None and not key.allows(model):
+            raise not_found(model)
+        card: ModelCard = await super().model_data(model)
+        return card
+
     async def _get_response(
         self, *, body: Any, call_method: str, raw_request: Any = None
     ) -> AsyncGenerator[Any, None]:
         model_id = await self._get_model_id(body.model)
+        key = caller(raw_request)
+        if key is not None:
+            if not key.allows(model_id):
+                raise not_found(model_id)
+            self._requests.inc(tags={"key": key.name, "model": model_id})
+            async for item in self._counted(key, model_id, body, call_method, raw_request):
+                yield item
+            return
+        async for item in self._answered(model_id, body, call_method, raw_request):
+            yield item
+
+    async def _counted(
+        self, key: ApiKey, model_id: str, body: Any, call_method: str, raw_request: Any
+    ) -> AsyncGenerator[Any, None]:
+        """The answer, with its usage counted for the key (asked of a stream, then removed)."""
+        hide_usage = False
+        if getattr(body, "stream", False) and hasattr(body, "stream_options"):
+            options = body.stream_options
+            if options is None or not getattr(options, "include_usage", False):
+                body = body.model_copy(update={"stream_options": {"include_usage": True}})
+                body = type(body).model_validate(body.model_dump())
+                hide_usage = True
+        async for item in self._answered(model_id, body, call_method, raw_request):
+            for usage in usages(item):
+                self._count_usage(key, model_id, usage)
+            kept = without_usage_chunks(item) if hide_usage else item
+            if kept is not None:
+                yield kept
+
+    def _count_usage(self, key: ApiKey, model_id: str, usage: Mapping[str, Any]) -> None:
+        for kind in ("prompt", "completion"):
+            tokens = usage.get(f"{kind}_tokens")
+            if isinstance(tokens, int) and tokens > 0:
+                tags = {"key": key.name, "model": model_id, "kind": kind}
+                self._tokens.inc(tokens, tags=tags)
+
+    async def _answered(
+        self, model_id: str, body: Any, call_method: str, raw_request: Any
+    ) -> AsyncGenerator[Any, None]:
         await self._refuse_if_down(model_id)
         inner = super()._get_response(body=body, call_method=call_method, raw_request=raw_request)
         first = asyncio.ensure_future(anext(inner))
@@ -137,3 +219,81 @@ class RackserveIngress(OpenAiIngress):
         yield item
         async for item in inner:
             yield item
+
+
+def caller(request: Any) -> ApiKey | None:
+    """The request's API key, as `auth.ApiKeyMiddleware` left it; None when auth is off."""
+    if request is None:
+        return None
+    key = request.scope.get("state", {}).get(CALLER)
+    return key if isinstance(key, ApiKey) else None
+
+
+def not_found(model_id: str) -> OpenAIHTTPException:
+    """The answer for a model a key may not use: the same as for a model that does not exist."""
+    return OpenAIHTTPException(
+        status_code=status.HTTP_404_NOT_FOUND,
+        message=f"The model {model_id!r} does not exist or this API key may not use it.",
+        type="NotFoundError",
+    )
+
+
+def _events(item: Any) -> list[Any]:
+    """A stream item's events: Serve LLM yields an event, a list of them, or SSE text."""
+    return item if isinstance(item, list) else [item]
+
+
+def usages(item: Any) -> list[Mapping[str, Any]]:
+    """The `usage` objects in an answer or stream item (pydantic, dict or SSE text)."""
+    found: list[Mapping[str, Any]] = []
+    for event in _events(item):
+        if isinstance(event, str):
+            for data in _sse_data(event):
+                if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                    found.append(data["usage"])
+            continue
+        usage = event.get("usage") if isinstance(event, dict) else getattr(event, "usage", None)
+        if usage is not None and hasattr(usage, "model_dump"):
+            usage = usage.model_dump()
+        if isinstance(usage, dict):
+            found.append(usage)
+    return found
+
+
+def _sse_data(text: str) -> list[Any]:
+    parsed = []
+    for block in text.split("\n\n"):
+        payload = block.strip().removeprefix("data:").strip()
+        if payload.startswith("{") and '"usage"' in payload:
+            with contextlib.suppress(ValueError):
+                parsed.append(json.loads(payload))
+    return parsed
+
+
+def _usage_only(data: Any) -> bool:
+    if hasattr(data, "model_dump"):
+        data = data.model_dump()
+    return isinstance(data, dict) and not data.get("choices") and bool(data.get("usage"))
+
+
+def without_usage_chunks(item: Any) -> Any:
+    """A stream item without the usage-only chunk that was asked for on the client's behalf.
+
+    The other chunks keep their own `usage` field, as vLLM sends it (null unless asked).
+    Returns None when nothing is left.
+    """
+    kept: list[Any] = []
+    for event in _events(item):
+        if isinstance(event, str):
+            blocks = [
+                block + "\n\n"
+                for block in event.split("\n\n")
+                if block.strip() and not any(_usage_only(d) for d in _sse_data(block))
+            ]
+            if blocks:
+                kept.append("".join(blocks))
+        elif not _usage_only(event):
+            kept.append(event)
+    if not kept:
+        return None
+    return kept if isinstance(item, list) else kept[0]

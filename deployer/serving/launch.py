@@ -103,6 +103,25 @@ class DeployOptions:
     """Nodes to leave empty (`drain`, `undrain`); None: those the last deploy left drained."""
     rebalance: bool = False
     """Plan every model afresh instead of keeping running ones where they are (`--rebalance`)."""
+    api_keys: Path | None = None
+    """The API key file the ingress checks, on the head (`--api-keys`); None: no keys asked."""
+
+
+def as_last_deployed(options: DeployOptions, desired: Deployed) -> DeployOptions:
+    """`options` with the engine and the deploy settings the record keeps, for a redeploy.
+
+    A record from before API keys has no `api_keys`: it is redeployed without keys, as it ran.
+    """
+    settings = desired.settings
+    keys = settings.get("api_keys")
+    return dataclasses.replace(
+        options,
+        engine="standin" if desired.engine == "standin" else "vllm",
+        http_host=str(settings.get("http_host", options.http_host)),
+        http_port=int(settings.get("http_port", options.http_port)),
+        reserve_gib=float(settings.get("reserve_gib", options.reserve_gib)),
+        api_keys=Path(keys) if isinstance(keys, str) else None,
+    )
 
 
 class NoRoomError(RackserveError):
@@ -206,6 +225,8 @@ def _deploy(
         and deployed.same_as(document, options.engine)
         and list(drained) == deployed.drained
         and not deployed.unplaced()  # a plan now may find them room
+        and deployed.settings.get("api_keys")
+        == (str(options.api_keys) if options.api_keys else None)
     )
     if unchanged and running and not options.lost and not options.rebalance:
         say("nothing to change: these models are deployed as planned")
@@ -272,14 +293,15 @@ def _deploy(
     quiet_builders()
     apps = _stop_and_start(change, applications, say, options.engine)
     specs = change.specs
-    front = ingress_key(specs, prefix, plan.device == "cpu")
+    keys = str(options.api_keys) if options.api_keys else None
+    front = ingress_key(specs, prefix, plan.device == "cpu", keys)
     if running and deployed is not None and deployed.ingress == front:
         # Same models behind the same route: the ingress follows restarted and moved engines by
         # itself; restarting it would fail requests to every model.
         say("the ingress serves the same models: left running")
     else:
         serve.run(
-            ingress_application(specs, plan.device == "cpu", apps),
+            ingress_application(specs, plan.device == "cpu", apps, keys),
             name=APP_NAME,
             route_prefix=prefix,
         )
@@ -295,6 +317,7 @@ def _deploy(
                 "http_host": options.http_host,
                 "http_port": options.http_port,
                 "reserve_gib": options.reserve_gib,
+                "api_keys": keys,
             },
             drained=list(drained),
         )
@@ -389,6 +412,8 @@ class DeploymentStatus:
 
     models: list[ModelStatus]
     drained: list[str]
+    api_keys: str | None = None
+    """The key file the endpoint checks; None: no keys, anyone reaching it may use every model."""
 
 
 def model_statuses(
@@ -453,7 +478,10 @@ def deployment_status(
                     "drained); the controller places it when a node joins",
                 )
             )
-        return DeploymentStatus(statuses, list(deployed.drained))
+        keys = deployed.settings.get("api_keys")
+        return DeploymentStatus(
+            statuses, list(deployed.drained), keys if isinstance(keys, str) else None
+        )
     finally:
         ray.shutdown()
 
@@ -506,16 +534,11 @@ def set_drained(
                     "them (reported unplaced) and drain anyway"
                 )
 
-        settings = desired.settings
         redeploy = dataclasses.replace(
-            options,
+            as_last_deployed(options, desired),
             drained=tuple(sorted(drained)),
             allow_partial=True,
             yes=True,  # asked for by name
-            engine="standin" if desired.engine == "standin" else "vllm",
-            http_host=str(settings.get("http_host", options.http_host)),
-            http_port=int(settings.get("http_port", options.http_port)),
-            reserve_gib=float(settings.get("reserve_gib", options.reserve_gib)),
         )
         models = ModelManager([ModelConfig.model_validate(m) for m in desired.models])
         plan = deploy(models, redeploy, say, checked, lock_held=True, on_diff=on_diff)

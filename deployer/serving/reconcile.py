@@ -25,7 +25,7 @@ from deployer.planning.reconcile import Decision, Observed, decide
 from deployer.planning.redeploy import Deployed
 from deployer.planning.serve_config import APP_NAME
 from deployer.serving.applications import engine_apps, running_engines
-from deployer.serving.launch import DeployOptions, Say, alive_by_label, deploy
+from deployer.serving.launch import DeployOptions, Say, alive_by_label, as_last_deployed, deploy
 from deployer.serving.probe import connect
 from deployer.serving.state import FileStateStore, deployed_store
 
@@ -86,18 +86,13 @@ def act(
     Returns the models left unplaced (no room, or pinned to a lost node).
     """
     models = ModelManager([ModelConfig.model_validate(m) for m in desired.models])
-    settings = desired.settings
     deploy_options = dataclasses.replace(
-        options.deploy,
+        as_last_deployed(options.deploy, desired),
         allow_partial=True,
         plan_only=False,
         yes=True,  # the controller moves what a lost node held: that is its job
         allow_downtime=True,  # and restores service first, beside the old engine or not
         lost=(*decision.lost, *_down_in_file(options.deploy, decision.lost, alive)),
-        engine="standin" if desired.engine == "standin" else "vllm",
-        http_host=str(settings.get("http_host", options.deploy.http_host)),
-        http_port=int(settings.get("http_port", options.deploy.http_port)),
-        reserve_gib=float(settings.get("reserve_gib", options.deploy.reserve_gib)),
     )
     unplaced: list[str] = []
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from deployer.planning.serve_config import APP_NAME
 from tools.client_loop import ClientLoop, ask, wait_answering
 from tools.local_ray import HEAD_IP, RayCluster
 from tools.prometheus import (
@@ -446,6 +447,190 @@ def _settled(prometheus: Prometheus, counts: Any) -> Any:
 
 
 @pytest.mark.fault
+def call(
+    url: str, header: str | None = None, body: dict[str, Any] | None = None
+) -> tuple[int, str]:
+    """A GET (or a POST of `body`) with the given Authorization header: (status, body text)."""
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers["Authorization"] = header
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def chat(model_id: str, stream: bool = False) -> dict[str, Any]:
+    return {
+        "model": model_id,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": stream,
+    }
+
+
+def add_key(key_file: Path, name: str, models: str) -> str:
+    made = rackserve("keys", "add", name, "--models", models, "--key-file", str(key_file), "--json")
+    assert made.returncode == 0, made.stderr
+    secret: str = json.loads(made.stdout)["key"]
+    return secret
+
+
+def scraped(targets: list[str], name: str) -> dict[str, float]:
+    """Each series of a metric on every Ray node's endpoint, keyed by its labels as exported."""
+    found: dict[str, float] = {}
+    for target in targets:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=30) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + "{"):
+                    labels, value = line.rsplit(" ", 1)
+                    found[labels] = found.get(labels, 0.0) + float(value)
+    return found
+
+
+def total(series: dict[str, float], *labels: str) -> float:
+    return sum(v for k, v in series.items() if all(label in k for label in labels))
+
+
+BAD_KEY_REQUESTS = 1000
+
+
+def test_api_keys_refuse_filter_revoke_and_count_per_key(
+    ray_cluster: RayCluster, models: dict[str, Path], endpoint: str, tmp_path: Path
+) -> None:
+    """The same two engines behind an ingress that checks API keys (only the ingress restarts):
+    each bad-request case gets its status and an OpenAI-shaped body, `/v1/models` is filtered
+    per key, a key revoked while serving is refused at once, 1,000 bad-key requests are all
+    refused while valid-key traffic fails nothing, the per-key counters count, and no key
+    reaches the logs or the metrics."""
+    address = ray_cluster.address
+    port = int(endpoint.rsplit(":", 1)[1])
+    two = [entry("tiny-a", models["tiny-a"], "head"), entry("tiny-b", models["tiny-b"], "worker")]
+    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", str(port)]
+    key_file = tmp_path / "etc" / "api-keys.json"
+    ops, only_a, doomed = (
+        add_key(key_file, "ops", "*"),
+        add_key(key_file, "only-a", "tiny-a"),
+        add_key(key_file, "doomed", "*"),
+    )
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    for secret in (ops, only_a, doomed):
+        assert secret not in key_file.read_text()
+    models_path = models_file(tmp_path / "two.json", two)
+    open_endpoint = rackserve("deploy", "--models", models_path, *common)
+    assert open_endpoint.returncode == 0, open_endpoint.stdout + open_endpoint.stderr
+    assert "no API keys" in open_endpoint.stderr
+    wait_answering(port, ["tiny-a", "tiny-b"], 300)
+    engines = {a: t for a, t in replica_start_times(address).items() if a != APP_NAME}
+    warned = rackserve("status", "--address", address)
+    assert "warning: the endpoint has no API keys" in warned.stderr, warned.stderr
+    locked = rackserve("deploy", "--models", models_path, "--api-keys", str(key_file), *common)
+    assert locked.returncode == 0, locked.stdout + locked.stderr
+    after = {a: t for a, t in replica_start_times(address).items() if a != APP_NAME}
+    assert after == engines, "an engine restarted when only the ingress changed"
+    status = rackserve("status", "--address", address)
+    assert "no API keys" not in status.stderr, status.stderr
+    base = f"http://{HEAD_IP}:{port}"
+    completions = f"{base}/v1/chat/completions"
+    deadline = time.monotonic() + 120
+    while call(completions, f"Bearer {ops}", chat("tiny-a"))[0] != 200:
+        assert time.monotonic() < deadline, "the keyed ingress never answered"
+        time.sleep(1)
+
+    leak = "rsk-LEAKCHECK" + "x" * 30
+    cases = [
+        ("no header", None, "tiny-a", 401, "no API key"),
+        ("malformed header", f"Basic {leak}", "tiny-a", 401, "not `Bearer KEY`"),
+        ("wrong key", f"Bearer {leak}", "tiny-a", 401, "not valid"),
+        ("key for tiny-a asks tiny-b", f"Bearer {only_a}", "tiny-b", 404, "may not use it"),
+        ("key for tiny-a asks tiny-a", f"Bearer {only_a}", "tiny-a", 200, '"choices"'),
+        ("key for every model", f"Bearer {ops}", "tiny-b", 200, '"choices"'),
+    ]
+    for what, header, model_id, code, says in cases:
+        got, text = call(completions, header, chat(model_id))
+        assert (got, says in text) == (code, True), (what, got, text[:300])
+        if code == 401:
+            error = json.loads(text)["error"]
+            assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+            assert leak not in text
+    listed = {
+        name: call(f"{base}/v1/models", header)
+        for name, header in (
+            ("ops", f"Bearer {ops}"),
+            ("only-a", f"Bearer {only_a}"),
+            ("none", None),
+        )
+    }
+    assert [m["id"] for m in json.loads(listed["only-a"][1])["data"]] == ["tiny-a"]
+    assert sorted(m["id"] for m in json.loads(listed["ops"][1])["data"]) == ["tiny-a", "tiny-b"]
+    assert listed["none"][0] == 401
+    assert call(f"{base}/v1/models/tiny-b", f"Bearer {only_a}")[0] == 404
+    assert call(f"{base}/v1/models/tiny-a", f"Bearer {only_a}")[0] == 200
+
+    # A stream's usage is counted without changing what the client sees.
+    got, streamed = call(completions, f"Bearer {ops}", chat("tiny-a", stream=True))
+    assert got == 200, streamed
+    events = [line for line in streamed.splitlines() if line.startswith("data: {")]
+    assert events, streamed
+    assert all(json.loads(e.removeprefix("data: "))["choices"] for e in events), streamed
+
+    assert call(completions, f"Bearer {doomed}", chat("tiny-a"))[0] == 200
+    revoked = rackserve("keys", "revoke", "doomed", "--key-file", str(key_file))
+    assert revoked.returncode == 0, revoked.stderr
+    got, text = call(completions, f"Bearer {doomed}", chat("tiny-a"))
+    assert (got, "not valid" in text) == (401, True), text
+
+    refused = 0
+    with ClientLoop(port, ["tiny-a", "tiny-b"], pause_s=0.1, timeout_s=60, api_key=ops) as loop:
+        for n in range(BAD_KEY_REQUESTS):
+            header = f"Bearer {leak}{n}" if n % 2 else f"Bearer {doomed}"
+            got, _ = call(completions, header, chat(("tiny-a", "tiny-b")[n % 2]))
+            refused += got == 401
+    counts = loop.counts
+    assert refused == BAD_KEY_REQUESTS
+    for model_id in ("tiny-a", "tiny-b"):
+        assert counts[model_id].failed == [], counts[model_id].failed[:5]
+        assert len(counts[model_id].answered) > 5, counts
+    after_revoke = {a: t for a, t in replica_start_times(address).items() if a != APP_NAME}
+    assert after_revoke == engines, "an engine restarted for a key change"
+
+    targets = ray_metrics_targets(address)
+    answered_b = len(counts["tiny-b"].answered) + 1  # and the table's one
+
+    def exported() -> bool:  # Ray's metrics agent exports every few seconds
+        refused_now = scraped(targets, "ray_rackserve_api_refused_total")
+        requests_now = scraped(targets, "ray_rackserve_api_requests_total")
+        return (
+            total(refused_now, 'reason="unknown"') >= BAD_KEY_REQUESTS
+            and total(requests_now, 'key="ops"', 'model="tiny-b"') >= answered_b
+        )
+
+    _wait(exported, "per-key counters exported", timeout_s=90)
+    requests = scraped(targets, "ray_rackserve_api_requests_total")
+    tokens = scraped(targets, "ray_rackserve_api_tokens_total")
+    refusals = scraped(targets, "ray_rackserve_api_refused_total")
+    assert total(requests, 'key="ops"', 'model="tiny-b"') >= answered_b, requests
+    assert total(requests, 'key="only-a"', 'model="tiny-a"') == 1, requests
+    assert total(requests, 'key="only-a"', 'model="tiny-b"') == 0, requests
+    assert total(tokens, 'key="ops"', 'kind="prompt"') > 0, tokens
+    assert total(tokens, 'key="ops"', 'model="tiny-a"', 'kind="completion"') > 0, tokens
+    assert total(refusals, 'reason="unknown"') >= BAD_KEY_REQUESTS, refusals
+    assert total(refusals, 'reason="missing"') >= 2, refusals
+    exposed = json.dumps([requests, tokens, refusals])
+    logs = [p for node in ray_cluster.started for p in node.temp_dir.rglob("*") if p.is_file()]
+    for secret in (ops, only_a, doomed, leak):
+        assert secret not in exposed
+        leaked = [str(p) for p in logs if secret.encode() in p.read_bytes()]
+        assert leaked == [], (secret[:8], leaked[:3])
+    print(
+        f"\napi keys: {refused} of {BAD_KEY_REQUESTS} bad-key requests refused (401); valid-key "
+        f"traffic answered { ({m: len(c.answered) for m, c in counts.items()}) }, failed 0"
+    )
+
+
 def test_a_killed_engine_is_restarted_while_the_other_model_answers(
     ray_cluster: RayCluster, models: dict[str, Path], endpoint: str, tmp_path: Path
 ) -> None:
