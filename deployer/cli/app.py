@@ -260,6 +260,21 @@ ApiKeysOption = Annotated[
         dir_okay=False,
     ),
 ]
+SslCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ssl-certfile",
+        help="Serve HTTPS with this PEM certificate (chain); with --ssl-keyfile. With "
+        "--http-host 0.0.0.0, every Ray node needs it at this path.",
+        dir_okay=False,
+    ),
+]
+SslKeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ssl-keyfile", help="The certificate's PEM private key (unencrypted).", dir_okay=False
+    ),
+]
 NoAuthOption = Annotated[
     bool,
     typer.Option(
@@ -338,6 +353,8 @@ def deploy(
     ] = False,
     api_keys: ApiKeysOption = None,
     no_auth: NoAuthOption = False,
+    ssl_certfile: SslCertOption = None,
+    ssl_keyfile: SslKeyOption = None,
 ) -> None:
     """Probe, plan and launch the models: an engine application each, one OpenAI endpoint.
 
@@ -353,8 +370,10 @@ def deploy(
         return
     from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray
     from deployer.serving.launch import deploy as run_deploy  # noqa: PLC0415
+    from deployer.serving.tls import load_tls  # noqa: PLC0415
 
     registry = load_models(models)
+    tls = load_tls(ssl_certfile, ssl_keyfile)
     keys = None if plan_only else api_key_file(api_keys, no_auth)
     options = DeployOptions(
         address,
@@ -370,6 +389,7 @@ def deploy(
         allow_downtime=allow_downtime,
         rebalance=rebalance,
         api_keys=keys,
+        tls=tls,
     )
     run_deploy(
         registry,
@@ -608,6 +628,7 @@ def status(
                 "models": models,
                 "drained": shown.drained,
                 "api_keys": shown.api_keys,
+                "tls": shown.tls,
                 "events": events,
             },
         )

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deployer.config.api_keys import KeyRing, key_ring
-from deployer.errors import ConfigError, RackserveError
+from deployer.errors import ConfigError, ExitCode, RackserveError
 from deployer.serving.state import write_atomically
 
 DEFAULT_KEY_FILE = Path("/etc/rackserve/api-keys.json")
@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 
 class KeyFileError(RackserveError):
-    """The key file cannot be read, written or locked."""
+    """The key file cannot be read, written or locked, or others may read it: fix the file."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 def read_keys(path: Path) -> KeyRing:

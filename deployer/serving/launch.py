@@ -54,6 +54,7 @@ from deployer.serving.applications import (
 from deployer.serving.probe import connect, probe_cluster
 from deployer.serving.replicas import ReplicaHistory, replica_history
 from deployer.serving.state import FileStateStore, StateStore, deployed_store
+from deployer.serving.tls import TlsFiles
 from deployer.sources.estimates import estimate_models
 
 Say = Callable[[str], None]
@@ -105,6 +106,22 @@ class DeployOptions:
     """Plan every model afresh instead of keeping running ones where they are (`--rebalance`)."""
     api_keys: Path | None = None
     """The API key file the ingress checks, on the head (`--api-keys`); None: no keys asked."""
+    tls: TlsFiles | None = None
+    """The certificate and key Serve's HTTP proxies serve HTTPS with; None: plain HTTP."""
+
+    def http_settings(self) -> dict[str, Any]:
+        """What Serve applies only when it starts: the endpoint's address, port and TLS."""
+        return {
+            "http_host": self.http_host,
+            "http_port": self.http_port,
+            "ssl_certfile": str(self.tls.certfile) if self.tls else None,
+            "ssl_keyfile": str(self.tls.keyfile) if self.tls else None,
+        }
+
+    def endpoint(self, prefix: str) -> str:
+        """The OpenAI base URL these options serve."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.http_host}:{self.http_port}{prefix.rstrip('/')}/v1"
 
 
 def as_last_deployed(options: DeployOptions, desired: Deployed) -> DeployOptions:
@@ -114,6 +131,7 @@ def as_last_deployed(options: DeployOptions, desired: Deployed) -> DeployOptions
     """
     settings = desired.settings
     keys = settings.get("api_keys")
+    cert, key = settings.get("ssl_certfile"), settings.get("ssl_keyfile")
     return dataclasses.replace(
         options,
         engine="standin" if desired.engine == "standin" else "vllm",
@@ -121,6 +139,80 @@ def as_last_deployed(options: DeployOptions, desired: Deployed) -> DeployOptions
         http_port=int(settings.get("http_port", options.http_port)),
         reserve_gib=float(settings.get("reserve_gib", options.reserve_gib)),
         api_keys=Path(keys) if isinstance(keys, str) else None,
+        tls=TlsFiles(Path(cert), Path(key)) if cert and key else None,
+    )
+
+
+def serve_http_settings() -> dict[str, Any] | None:
+    """The HTTP settings the running Serve applied when it started; None: Serve is not running.
+
+    Read from Serve's controller client, as `serve.start` itself does to warn that new options
+    are ignored (`ray.serve.context` is private; Ray 2.60 has no public reader).
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    http = client.http_config
+    return {
+        "http_host": http.host,
+        "http_port": http.port,
+        "ssl_certfile": http.ssl_certfile,
+        "ssl_keyfile": http.ssl_keyfile,
+    }
+
+
+def check_http_settings(
+    options: DeployOptions, serving: Mapping[str, Any] | None, applications: Sequence[str]
+) -> bool:
+    """Whether Serve must restart to apply `options`' address, port and TLS.
+
+    Refused while any application runs: ours stop only with `rackserve down`, and another's is
+    not ours to stop. Serve applies its HTTP options only when it starts (a running Serve
+    ignores new ones with a warning): a deploy would say one endpoint and serve another.
+    """
+    asked = options.http_settings()
+    if serving is None or serving == asked:
+        return False
+    if applications:
+        shown = ", ".join(
+            f"{k} {serving[k]!r} -> {asked[k]!r}" for k in asked if asked[k] != serving[k]
+        )
+        raise HttpSettingsError(
+            f"Serve runs with other HTTP settings ({shown}) and applies new ones only when it "
+            f"starts, which stops what runs ({', '.join(applications)}); nothing was changed. "
+            "Run `rackserve down`, then deploy again; or deploy with the running settings"
+        )
+    return True
+
+
+class HttpSettingsError(RackserveError):
+    """A deploy asked for another address, port or TLS than the running Serve's; nothing changed."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+def http_options(options: DeployOptions) -> dict[str, Any]:
+    """Serve's `HTTPOptions` for `options`: address, port and, with TLS, the certificate."""
+    http: dict[str, Any] = {"host": options.http_host, "port": options.http_port}
+    if options.tls:
+        http |= {"ssl_certfile": str(options.tls.certfile), "ssl_keyfile": str(options.tls.keyfile)}
+    return http
+
+
+def start_serve(options: DeployOptions, restart: bool, say: Say) -> None:
+    """Start Serve with `options`' HTTP settings (a no-op when it runs).
+
+    With `restart` (`check_http_settings`: nothing runs on it), Serve is stopped first.
+    """
+    from ray import serve
+
+    if restart:
+        say("Serve restarts to apply the new HTTP settings (nothing runs on it)")
+        serve.shutdown()  # type: ignore[no-untyped-call]
+    serve.start(
+        proxy_location=proxy_location(options.http_host), http_options=http_options(options)
     )
 
 
@@ -220,6 +312,9 @@ def _deploy(
     drained = tuple(
         options.drained if options.drained is not None else (deployed.drained if deployed else ())
     )
+    restart_serve = not options.plan_only and check_http_settings(
+        options, serve_http_settings(), sorted(applications)
+    )
     unchanged = (
         deployed is not None
         and deployed.same_as(document, options.engine)
@@ -286,10 +381,7 @@ def _deploy(
             f"this deploy would interrupt {len(interrupted)} running model(s): {named}; "
             "nothing was changed. Confirm on a terminal, or pass --yes."
         )
-    serve.start(
-        proxy_location=proxy_location(options.http_host),
-        http_options={"host": options.http_host, "port": options.http_port},
-    )
+    start_serve(options, restart_serve, say)
     quiet_builders()
     apps = _stop_and_start(change, applications, say, options.engine)
     specs = change.specs
@@ -314,8 +406,7 @@ def _deploy(
             engine=options.engine,
             ingress=front,
             settings={
-                "http_host": options.http_host,
-                "http_port": options.http_port,
+                **options.http_settings(),
                 "reserve_gib": options.reserve_gib,
                 "api_keys": keys,
             },
@@ -331,10 +422,7 @@ def _deploy(
             unplaced=[u.model_id for u in plan.unplaced],
             engine=options.engine,
         )
-    say(
-        f"deployed {len(specs)} model(s) as application {APP_NAME!r} at "
-        f"http://{options.http_host}:{options.http_port}{prefix.rstrip('/')}/v1"
-    )
+    say(f"deployed {len(specs)} model(s) as application {APP_NAME!r} at {options.endpoint(prefix)}")
     return plan
 
 
@@ -414,6 +502,8 @@ class DeploymentStatus:
     drained: list[str]
     api_keys: str | None = None
     """The key file the endpoint checks; None: no keys, anyone reaching it may use every model."""
+    tls: bool = False
+    """The endpoint serves HTTPS (`--ssl-certfile`)."""
 
 
 def model_statuses(
@@ -480,7 +570,10 @@ def deployment_status(
             )
         keys = deployed.settings.get("api_keys")
         return DeploymentStatus(
-            statuses, list(deployed.drained), keys if isinstance(keys, str) else None
+            statuses,
+            list(deployed.drained),
+            keys if isinstance(keys, str) else None,
+            tls=bool(deployed.settings.get("ssl_certfile")),
         )
     finally:
         ray.shutdown()

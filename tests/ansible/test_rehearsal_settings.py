@@ -5,6 +5,7 @@ templating, and the worker's settings check run by ansible-playbook against loca
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import yaml
 
 pytest.importorskip("ansible", reason="ansible-core is not installed")
 
+from deployer.config.api_keys import key_ring
 from tests.ansible.test_static import (
     FACTS,
     HERE,
@@ -169,3 +171,44 @@ def test_the_record_of_a_deployment_names_engine_and_cluster_only_when_set() -> 
     changed = evaluate("deploy_models", "deploy_models_stamp", rehearsal | {
         "deploy_models_paths": _paths("c2")})  # fmt: skip
     assert changed != first
+
+
+KEYS = [
+    {"name": "team-a", "key": "rsk-" + "a" * 43, "models": ["one", "two"]},
+    {"name": "ops", "key": "rsk-" + "b" * 43, "models": ["*"]},
+]
+
+
+def test_the_key_file_holds_the_digests_rackserve_checks_and_never_a_key() -> None:
+    """Ansible's hash('sha256') and rackserve's digest agree: the endpoint finds each vault key."""
+    text = render("deploy_models", "api-keys.json.j2", {"deploy_models_api_keys": KEYS})
+    ring = key_ring(json.loads(text), "rendered key file")
+    for entry in KEYS:
+        found = ring.find(entry["key"])
+        assert found is not None, entry["name"]
+        assert (found.name, list(found.models)) == (entry["name"], entry["models"])
+        assert entry["key"] not in text
+    assert ring.find("rsk-" + "c" * 43) is None
+
+
+def test_keys_and_tls_reach_rackserve_deploy() -> None:
+    argv = evaluate(
+        "deploy_models",
+        "deploy_models_base_argv",
+        ADDRESS_VARS
+        | {
+            "deploy_models_api_keys": KEYS,
+            "deploy_models_tls_certfile": "files/endpoint.crt",
+            "deploy_models_tls_keyfile": "files/endpoint.key",
+        },
+    )
+    assert argv[argv.index("--api-keys") + 1] == "/etc/rackserve/api-keys.json"
+    assert argv[argv.index("--ssl-certfile") + 1] == "/etc/rackserve/tls/endpoint.crt"
+    assert argv[argv.index("--ssl-keyfile") + 1] == "/etc/rackserve/tls/endpoint.key"
+    assert not any(k["key"] in " ".join(argv) for k in KEYS)
+    open_argv = evaluate(
+        "deploy_models", "deploy_models_base_argv", ADDRESS_VARS | {"deploy_models_no_auth": True}
+    )
+    assert "--no-auth" in open_argv
+    plain = evaluate("deploy_models", "deploy_models_base_argv", ADDRESS_VARS)
+    assert not {"--api-keys", "--no-auth", "--ssl-certfile"} & set(plain)

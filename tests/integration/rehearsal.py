@@ -26,6 +26,7 @@ from deployer.serving.launch import DeployOptions, deploy, down, set_drained
 from deployer.serving.probe import connect
 from deployer.serving.reconcile import ReconcileOptions, reconcile_once
 from deployer.serving.standin import EngineReport
+from deployer.serving.tls import TlsFiles
 from tools.local_ray import HEAD_IP
 
 
@@ -54,8 +55,12 @@ def deploy_standin(
     port: int,
     reserve_gib: float,
     state_dir: str | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> Rehearsed:
-    """Deploy `models` with the stand-in on the cluster file's nodes; read every engine's report."""
+    """Deploy `models` with the stand-in on the cluster file's nodes; read every engine's report.
+
+    `tls`: a certificate and its key, to serve HTTPS.
+    """
 
     out = io.StringIO()
     options = DeployOptions(
@@ -67,6 +72,7 @@ def deploy_standin(
         cluster=parse_cluster(cluster, source="cluster file"),
         state_dir=Path(state_dir) if state_dir else None,
         yes=True,  # the rehearsals redeploy changed lists: they stop and move engines
+        tls=TlsFiles(Path(tls[0]), Path(tls[1])) if tls else None,
     )
     registry = ModelManager([ModelConfig.model_validate(m) for m in models])
     console = Console(file=out, width=160)

@@ -11,8 +11,12 @@ proves the request went through the proxy, the ingress and a live engine replica
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +24,13 @@ from typing import Any
 import pytest
 
 from deployer.planning.redeploy import Deployed
+from deployer.serving.launch import HttpSettingsError
 from deployer.serving.state import FileStateStore
 from tests.integration import rehearsal
 from tests.integration.faults import Driver, start_driver, status
+from tools.certificates import self_signed
 from tools.client_loop import ClientLoop, wait_answering
-from tools.local_ray import RayCluster, WorkerSpec, start_ray_cluster
+from tools.local_ray import HEAD_IP, RayCluster, WorkerSpec, start_ray_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -198,3 +204,53 @@ def test_undrain_moves_nothing_and_a_drain_without_room_changes_nothing(
     document = json.loads(shown.stdout)
     assert sorted(document["drained"]) == sorted([first, second])
     assert [m["state"] for m in document["models"]].count("UNPLACED") == 1
+
+
+def listed(url: str, context: ssl.SSLContext | None = None) -> list[str]:
+    """The model ids `GET /v1/models` lists."""
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=30, context=context) as answer:
+        return sorted(m["id"] for m in json.load(answer)["data"])
+
+
+def test_tls_is_refused_while_models_run_then_serves_https_only(
+    driver: Driver, cluster: RayCluster, deployed: str
+) -> None:
+    """TLS reaches Serve's HTTP options, which Serve applies only when it starts: asked for while
+    models run, the deploy refuses and nothing changes; after `down`, the deploy restarts Serve
+    with the certificate, `https://` answers and plain `http://` gets no HTTP answer."""
+    tls = self_signed(driver.base, HEAD_IP)
+    plain = f"http://{HEAD_IP}:{driver.port}"
+    apps = driver.submit(rehearsal.applications, cluster.address)
+    served = listed(plain)  # the models placed (the test before leaves one unplaced)
+    with pytest.raises(HttpSettingsError, match=r"ssl_certfile None -> .*cert\.pem.*nothing was"):
+        driver.submit(
+            rehearsal.deploy_standin,
+            MODELS, CLUSTER_FILE, cluster.address, driver.port, 0.0, deployed, tls,
+        )  # fmt: skip
+    assert driver.submit(rehearsal.applications, cluster.address) == apps
+    assert listed(plain) == served  # still plain HTTP
+
+    driver.submit(rehearsal.down_all, cluster.address, deployed)
+    secured = driver.submit(
+        rehearsal.deploy_standin,
+        MODELS, CLUSTER_FILE, cluster.address, driver.port, 0.0, deployed, tls,
+    )  # fmt: skip
+    assert "Serve restarts to apply the new HTTP settings" in secured.output, secured.output
+    assert f"at https://{HEAD_IP}:{driver.port}/v1" in secured.output, secured.output
+    trusted = ssl.create_default_context(cafile=tls[0])
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            assert listed(f"https://{HEAD_IP}:{driver.port}", trusted) == sorted(IDS)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)) as no:
+        listed(plain)
+    assert not isinstance(no.value, urllib.error.HTTPError), no.value  # no HTTP answer at all
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        listed(f"https://{HEAD_IP}:{driver.port}", ssl.create_default_context())
+    shown = status(cluster.address, deployed)
+    assert json.loads(shown.stdout)["tls"] is True, shown.stdout

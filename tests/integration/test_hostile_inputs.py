@@ -410,6 +410,38 @@ CASES = [
         ("--http-port",),
         quiet_stdout=True,
     ),
+    Case(
+        "ssl-certfile-without-its-key",
+        ("deploy", "-m", "m.yaml", "--ssl-certfile", "cert.pem"),
+        {"m.yaml": models_yaml(f"{{model_id: a, {GIVEN}}}"), "cert.pem": "x"},
+        2,
+        ("--ssl-certfile needs --ssl-keyfile too",),
+        quiet_stdout=True,
+    ),
+    Case(
+        "ssl-files-that-are-not-pem",
+        ("deploy", "-m", "m.yaml", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"),
+        {"m.yaml": models_yaml(f"{{model_id: a, {GIVEN}}}"), "cert.pem": "x", "key.pem": "y"},
+        2,
+        ("do not load", "give a PEM certificate"),
+        quiet_stdout=True,
+    ),
+    Case(
+        "api-keys-and-no-auth",
+        ("deploy", "-m", "m.yaml", "--api-keys", "keys.json", "--no-auth"),
+        {"m.yaml": models_yaml(f"{{model_id: a, {GIVEN}}}"), "keys.json": '{"keys": []}'},
+        2,
+        ("--api-keys and --no-auth contradict each other",),
+        quiet_stdout=True,
+    ),
+    Case(
+        "api-key-file-readable-by-others",
+        ("deploy", "-m", "m.yaml", "--api-keys", "keys.json"),
+        {"m.yaml": models_yaml(f"{{model_id: a, {GIVEN}}}"), "keys.json": '{"keys": []}'},
+        2,
+        ("others may read it; run `chmod 600",),
+        quiet_stdout=True,
+    ),
     # Paths and ids.
     Case(
         "model-id-of-3000-characters",
