@@ -651,7 +651,8 @@ def test_python_env_sources_and_engine(
 ) -> None:
     context = {"ansible_facts": FACTS, **variables}
     assert evaluate("python_env", "python_env_engine_requirements", context) == engine
-    assert evaluate("python_env", "python_env_pip_engine_source_args", context) == source
+    sources = "python_env_pip_source_args + python_env_torch_cpu_source_args"
+    assert evaluate("python_env", sources, context) == source
     serve = evaluate("python_env", "python_env_serve_requirements", context)
     assert serve[0] == "ray[serve]==2.60.0"
     assert "rackserve" in serve
@@ -659,6 +660,33 @@ def test_python_env_sources_and_engine(
     absent = evaluate("python_env", "python_env_absent_packages", context)
     cpu_only = ["torchvision", "torchaudio", "torchcodec", "triton"]
     assert absent == (cpu_only if variables["python_env_engine"] == "cpu" else [])
+
+
+def test_python_env_installs_with_uv_by_default_and_pip_when_asked() -> None:
+    """uv's own flags where pip's differ: a trusted host, and pip's best match across indexes."""
+    mirror = {
+        "ansible_facts": FACTS,
+        "python_env_engine": "gpu",
+        "python_env_index_url": "https://pypi.internal/simple",
+        "python_env_trusted_hosts": ["pypi.internal"],
+    }
+    uv = evaluate("python_env", "python_env_install_argv", mirror)
+    assert uv == [
+        "/opt/rackserve/venv/bin/uv", "pip", "install",
+        "--python", "/opt/rackserve/venv/bin/python", "--no-cache", "--index-url", "https://pypi.internal/simple",
+        "--index-strategy", "unsafe-best-match", "--allow-insecure-host=pypi.internal",
+    ]  # fmt: skip
+    offline = {"ansible_facts": FACTS, "python_env_wheelhouse": "/srv/wheelhouse"}
+    assert evaluate("python_env", "python_env_install_argv", offline)[-3:] == [
+        "--no-index", "--find-links", "/srv/wheelhouse",
+    ]  # fmt: skip
+    as_pip = mirror | {"python_env_installer": "pip"}
+    pip = evaluate("python_env", "python_env_install_argv", as_pip)
+    assert pip[:4] == ["/opt/rackserve/venv/bin/python", "-m", "pip", "install"]
+    assert "--trusted-host=pypi.internal" in pip
+    assert evaluate("python_env", "python_env_uninstall_argv", offline)[:3] == [
+        "/opt/rackserve/venv/bin/uv", "pip", "uninstall",
+    ]  # fmt: skip
 
 
 def test_python_env_interpreter_per_os_family() -> None:

@@ -35,6 +35,7 @@ UPGRADE_MOUNT = "/srv/upgrade"
 UPGRADE_VARS: dict[str, Any] = {
     "python_env_rackserve_requirement": f"rackserve=={UPGRADE_VERSION}",
     "python_env_pip_extra_args": ["--find-links", UPGRADE_MOUNT],
+    "python_env_uv_extra_args": ["--find-links", UPGRADE_MOUNT],
 }
 """python_env's variables that install the bumped rackserve (bind-mounted at UPGRADE_MOUNT)."""
 

