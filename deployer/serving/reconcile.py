@@ -115,33 +115,43 @@ class Memory:
 class Tracker:
     """The controller's bookkeeping of nodes between passes: pure, with the clock passed in.
 
-    A node counts as joined until a pass that could use it completes (a deploy or nothing to
-    do): a pass that fails (a node's probe not answering yet, Ray busy) or waits leaves the
-    join pending, so the models left unplaced are placed by a later pass, never forgotten.
+    A node joins once it has been alive for `settle_s` without a break: a worker that has just
+    booted is not given an engine in its first seconds (a rack test saw an engine placed on a
+    node 11 s after its power came back never start). It counts as joined until a pass that
+    could use it completes (a deploy or nothing to do): a pass that fails (a node's probe not
+    answering yet, Ray busy) or waits leaves the join pending, so the models left unplaced are
+    placed by a later pass, never forgotten.
     """
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, settle_s: float = 0.0) -> None:
         self.started = started
+        self.settle_s = settle_s
         self.last_seen: dict[str, float] = {}
+        self.up_since: dict[str, float] = {}
         self.usable: frozenset[str] = frozenset()
-        """The alive nodes the last completed pass could place models on."""
+        """The settled nodes the last completed pass could place models on."""
+        self._settled: frozenset[str] = frozenset()
 
     def memory(self, desired: Deployed | None, alive: frozenset[str], now: float) -> Memory:
         """What `decide` needs for this pass, given the nodes Ray shows alive now."""
         for node in alive:
             self.last_seen[node] = now
+            self.up_since.setdefault(node, now)
+        for node in set(self.up_since) - alive:
+            del self.up_since[node]  # down: its next start counts from when it is back
         self.usable &= alive  # a node that went away and comes back joins again
+        self._settled = frozenset(n for n in alive if now - self.up_since[n] >= self.settle_s)
         used = {p["node"] for p in (desired.placements if desired else [])}
         return Memory(
             {n: now - self.last_seen.get(n, self.started) for n in used if n not in alive},
             never_seen=frozenset(n for n in used if n not in self.last_seen),
-            joined=alive - self.usable,
+            joined=self._settled - self.usable,
         )
 
-    def completed(self, decision: Decision, alive: frozenset[str]) -> None:
-        """A pass ended with `decision` (not raised): its nodes were usable unless it waited."""
+    def completed(self, decision: Decision) -> None:
+        """A pass ended (not raised) with `decision`: unless it waited, its settled nodes count."""
         if decision.action != "wait":
-            self.usable = alive
+            self.usable = self._settled
 
 
 def _down_in_file(
@@ -220,7 +230,7 @@ def run_controller(
 
     `seen` gets what each pass observed (the metrics exporter keeps it).
     """
-    tracker = Tracker(clock())
+    tracker = Tracker(clock(), settle_s=options.grace_s)
     said = ""
     pause = interval_s
     count = 0
@@ -232,7 +242,7 @@ def run_controller(
                 seen(desired, observed)
             memory = tracker.memory(desired, observed.alive, clock())
             decision = reconcile_once(options, say, memory, (desired, observed))
-            tracker.completed(decision, observed.alive)
+            tracker.completed(decision)
             line = f"{decision.action}: {decision.reason}"
             pause = interval_s
         except RackserveError as exc:

@@ -443,7 +443,9 @@ def _controller_log(rack: Rack) -> str:
         rack.hosts[0],
         "journalctl -u rackserve-controller --no-pager -n 150 -o short-monotonic; "
         "tail -n 20 /var/lib/rackserve/state/events.jsonl; "
-        f"rackserve status --address {rack.hosts[0].ip}:{RAY_PORT}",
+        f"rackserve status --address {rack.hosts[0].ip}:{RAY_PORT}; "
+        f"/opt/rackserve/venv/bin/ray status --address {rack.hosts[0].ip}:{RAY_PORT} -v; "
+        "tail -n 40 /var/lib/rackserve/ray/session_latest/logs/serve/controller_*.log",
         check=False,
         timeout=180,
     )

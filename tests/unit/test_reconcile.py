@@ -114,18 +114,32 @@ def test_a_join_stays_pending_until_a_pass_that_could_place_on_it_completes() ->
         return decide(without_z, observed, memory.gone_for_s, joined=memory.joined)
 
     first = next_pass("ab", 1.0)
-    tracker.completed(first, frozenset("ab"))  # placed what it could
+    tracker.completed(first)  # placed what it could
     assert next_pass("ab", 2.0).action == "none"
     booted = next_pass("abc", 3.0)
     assert (booted.action, "z" in booted.reason) == ("deploy", True)
     # that pass raised (no tracker.completed): the next one tries again
     again = next_pass("abc", 4.0)
     assert again.action == "deploy"
-    tracker.completed(again, frozenset("abc"))
+    tracker.completed(again)
     assert next_pass("abc", 5.0).action == "none"  # tried with c: no retry loop
     assert next_pass("ab", 6.0).action == "none"  # c away ...
     assert next_pass("abc", 7.0).action == "deploy"  # ... and back: it joins again
     assert tracker.memory(full, frozenset("a"), 20.0).gone_for_s == {"b": 13.0}  # seen at 7.0
+
+
+def test_a_node_joins_once_it_has_been_up_for_the_settle_time() -> None:
+    """A worker that has just booted gets no engine in its first seconds; one that flaps starts
+    its settle time again."""
+    tracker = Tracker(started=0.0, settle_s=10.0)
+    assert tracker.memory(None, frozenset("a"), 0.0).joined == frozenset()
+    assert tracker.memory(None, frozenset("a"), 10.0).joined == frozenset("a")
+    tracker.completed(Decision("none", "placed what it could"))
+    assert tracker.memory(None, frozenset("ab"), 12.0).joined == frozenset()  # b just booted
+    tracker.completed(Decision("none", "nothing to place on b yet"))  # b not used up yet
+    assert tracker.memory(None, frozenset("a"), 15.0).joined == frozenset()  # b flaps
+    assert tracker.memory(None, frozenset("ab"), 16.0).joined == frozenset()
+    assert tracker.memory(None, frozenset("ab"), 26.0).joined == frozenset("b")
 
 
 def test_re_planning_without_a_lost_node_moves_only_its_models() -> None:
