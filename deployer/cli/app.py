@@ -506,7 +506,11 @@ def _deploy_diff(
 GraceOption = Annotated[
     float,
     typer.Option(
-        "--grace-s", min=0, max=86_400, help="A node gone this long has its models re-placed."
+        "--grace-s",
+        min=0,
+        max=86_400,
+        help="A node gone this long has its models re-placed; a node back (or new) gets "
+        "models once up this long.",
     ),
 ]
 JoinTimeoutOption = Annotated[
