@@ -38,6 +38,8 @@ VENV_PYTHON = "/opt/rackserve/venv/bin/python"
 REPORTS_SCRIPT = """
 import dataclasses, json, os, sys
 os.environ["RAY_ADDRESS"] = sys.argv[1]
+from deployer.serving.ray_token import use_rack_token
+use_rack_token()  # the rack's Ray token, as rackserve uses it
 import ray
 from ray import serve
 from deployer.serving.applications import current_app

@@ -44,6 +44,7 @@ from deployer.errors import ConfigError, ExitCode, RackserveError
 from deployer.planning.placement import DEFAULT_RESERVE_GIB
 from deployer.planning.serve_config import APP_NAME, DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
 from deployer.planning.workflow import plan_models
+from deployer.serving.ray_token import use_rack_token
 from deployer.sources.estimates import estimate_models
 
 app = typer.Typer(
@@ -779,6 +780,7 @@ def main(argv: list[str] | None = None) -> None:
 
     Usage errors (a missing or malformed option) exit 2 through click, like bad input.
     """
+    use_rack_token()  # before anything imports Ray, which reads the mode once
     try:
         app(args=argv, prog_name="rackserve")
     except RackserveError as exc:

@@ -26,6 +26,12 @@ from deployer.config.cluster import NODE_LABEL, Cluster, Node
 from deployer.config.documents import duplicates
 from deployer.errors import RackserveError
 from deployer.serving.nvml_reader import read_node
+from deployer.serving.ray_token import (
+    RAY_AUTH_MODE_ENV,
+    RAY_TOKEN_FILE,
+    RAY_TOKEN_PATH_ENV,
+    use_rack_token,
+)
 
 RAY_TEMP_DIR_ENV = "RAY_TEMP_DIR"
 """Ray's root temp dir where rackserve starts Ray; with address 'auto' it finds the cluster."""
@@ -73,6 +79,7 @@ def _check_reachable(address: str) -> None:
 
 def connect(address: str) -> None:
     """Connect this process to the Ray cluster at `address`, or raise ProbeError saying why."""
+    use_rack_token()
     import ray
 
     _check_reachable(address)
@@ -110,11 +117,22 @@ def _client_server_failed(address: str, exc: Exception) -> bool:
 
 
 def _refuse(address: str, exc: Exception) -> NoReturn:
+    if os.environ.get(RAY_AUTH_MODE_ENV) == "token":
+        token = (
+            f"; this process used Ray's token from {os.environ.get(RAY_TOKEN_PATH_ENV, '~/.ray')}"
+            ": check that it is the cluster's"
+        )
+    else:
+        token = (
+            f"; if the cluster uses Ray's token authentication (the roles' default), set "
+            f"{RAY_AUTH_MODE_ENV}=token and {RAY_TOKEN_PATH_ENV} to its token file "
+            f"({RAY_TOKEN_FILE} on the rack's nodes)"
+        )
     raise ProbeError(
         f"cannot connect to the Ray cluster at {address}: {str(exc).rstrip('.')}. Run this "
         "on a node of the cluster (one where `ray start` ran), or use Ray Client "
         "(ray://HEAD:10001); "
-        f"with 'auto', set RAY_ADDRESS or {RAY_TEMP_DIR_ENV} to the cluster's."
+        f"with 'auto', set RAY_ADDRESS or {RAY_TEMP_DIR_ENV} to the cluster's{token}."
     ) from None
 
 

@@ -577,14 +577,17 @@ def test_reconnect_timeout_is_one_setting_for_head_and_workers() -> None:
             assert f"RAY_gcs_rpc_server_reconnect_timeout_s={expected}" in environment, role
 
 
-def _head_check(tmp_path: Path, hosts: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Run ray_head's settings check on local hosts: per host `ok` or the failure message."""
+def _head_check(
+    tmp_path: Path, hosts: dict[str, dict[str, Any]], role: str = "ray_head", tasks: str = "check"
+) -> dict[str, str]:
+    """Run a role's settings check (ray_head's by default) on local hosts: per host `ok` or the
+    failure message."""
     out = tmp_path / "out"
     out.mkdir()
     inventory = {
         "all": {
             "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-                     "check_out_dir": str(out)},
+                     "check_out_dir": str(out), "check_role": role, "check_tasks": tasks},
             "hosts": hosts,
         }
     }  # fmt: skip
@@ -619,6 +622,64 @@ def test_head_check_refuses_redis_without_an_address_and_a_shallow_rocksdb_path(
     assert outcome["no-address"].startswith("no-address: ray_head_gcs_storage is redis but")
     assert "ray_head_redis_address is empty" in outcome["no-address"]
     assert outcome["root-path"].startswith("root-path: ray_head_gcs_storage_path ('/') must be")
+
+
+def test_ray_token_check_refuses_a_missing_short_or_spaced_token(tmp_path: Path) -> None:
+    token = "0123456789abcdef" * 4
+    outcome = _head_check(
+        tmp_path,
+        {
+            "good": {"ray_common_auth_token": token},
+            "disabled": {"ray_common_auth_mode": "disabled"},
+            "missing": {},
+            "short": {"ray_common_auth_token": token[:31]},
+            "spaced": {"ray_common_auth_token": token[:20] + " " + token[20:]},
+        },
+        role="ray_common",
+        tasks="check_auth",
+    )
+    assert outcome["good"] == outcome["disabled"] == "ok"
+    for host, length in (("missing", 0), ("short", 31), ("spaced", 65)):
+        assert outcome[host].startswith(f"{host}: ray_common_auth_mode is token, so Ray needs")
+        assert f"(it is {length} characters long now)" in outcome[host]
+        assert "ray_common_auth_mode: disabled" in outcome[host]
+    assert token[:20] not in "".join(outcome.values())
+
+
+@pytest.mark.parametrize("role", ["ray_head", "ray_worker"])
+def test_ray_units_use_the_token_file_and_never_hold_the_token(role: str) -> None:
+    token = "f00d" * 16
+    variables = (HEAD_VARS if role == "ray_head" else WORKER_VARS) | {
+        "ray_common_auth_token": token
+    }
+    template = f"ray-{role.split('_')[1]}.service.j2"
+    unit = render(role, template, variables)
+    environment = [systemd_words(e)[0] for e in unit_entries(unit)["Environment"]]
+    assert "RAY_AUTH_MODE=token" in environment
+    assert "RAY_AUTH_TOKEN_PATH=/etc/rackserve/ray-token" in environment
+    assert token not in unit
+    disabled = render(role, template, variables | {"ray_common_auth_mode": "disabled"})
+    environment = [systemd_words(e)[0] for e in unit_entries(disabled)["Environment"]]
+    assert "RAY_AUTH_MODE=disabled" in environment
+    assert not [e for e in environment if e.startswith("RAY_AUTH_TOKEN")]
+    # The token file is the Ray user's alone, and the task writing it logs nothing.
+    tasks = yaml.safe_load((ROLES / "ray_common" / "tasks" / "auth_token.yml").read_text("utf-8"))
+    (writer,) = [t for t in tasks if "ansible.builtin.copy" in t]
+    assert writer["ansible.builtin.copy"]["mode"] == "0600"
+    assert writer["no_log"] is True
+    spec = role_docs.argument_specs("ray_common")["main"]["options"]["ray_common_auth_token"]
+    assert spec["no_log"] is True
+
+
+def test_deploy_models_commands_get_ray_token_settings() -> None:
+    env = evaluate("deploy_models", "deploy_models_command_environment", {})
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/etc/rackserve/ray-token"}
+    env = evaluate(
+        "deploy_models",
+        "deploy_models_command_environment",
+        {"ray_common_auth_mode": "disabled", "deploy_models_environment": {"HF_HUB_OFFLINE": "1"}},
+    )
+    assert env == {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
 
 # ------------------------------------------------------------------------------ python_env
@@ -868,9 +929,15 @@ def test_controller_environment_file_holds_deploy_models_environment() -> None:
     environment = {"HF_TOKEN": 'hf_a$b"c`d\\e f', "HF_HUB_OFFLINE": 1}
     text = render("deploy_models", "rackserve-controller.env.j2",
                   CONTROLLER_VARS | {"deploy_models_environment": environment})  # fmt: skip
-    assert env_file_values(text) == {"HF_HUB_OFFLINE": "1", "HF_TOKEN": 'hf_a$b"c`d\\e f'}
-    empty = render("deploy_models", "rackserve-controller.env.j2", CONTROLLER_VARS)
-    assert env_file_values(empty) == {}
+    assert env_file_values(text) == {
+        "HF_HUB_OFFLINE": "1",
+        "HF_TOKEN": 'hf_a$b"c`d\\e f',
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": "/etc/rackserve/ray-token",
+    }
+    plain = render("deploy_models", "rackserve-controller.env.j2",
+                   CONTROLLER_VARS | {"ray_common_auth_mode": "disabled"})  # fmt: skip
+    assert env_file_values(plain) == {"RAY_AUTH_MODE": "disabled"}
 
 
 def _tasks(role: str, name: str) -> list[dict[str, Any]]:
@@ -1120,6 +1187,7 @@ def _preflight(
                 "ansible_connection": "local",
                 "ansible_python_interpreter": sys.executable,
                 "preflight_out_dir": str(out),
+                "ray_common_auth_token": "ab" * 32,
             },
             "hosts": host_vars,
             "children": {
@@ -1151,7 +1219,8 @@ def test_preflight_accepts_a_good_rack_and_names_each_bad_host(tmp_path: Path) -
     ubuntu20 = {"distribution": "Ubuntu", "version": "20.04", "family": "Debian"}
     outcome = _preflight(
         tmp_path,
-        {"ray_head": ["head"], "ray_workers": ["good", "wrong-ip", "old-os", "bad-port"],
+        {"ray_head": ["head"],
+         "ray_workers": ["good", "wrong-ip", "old-os", "bad-port", "no-token"],
          "gpu_nodes": ["good"]},
         {
             "head": {},
@@ -1159,6 +1228,7 @@ def test_preflight_accepts_a_good_rack_and_names_each_bad_host(tmp_path: Path) -
             "wrong-ip": {"rackserve_node_ip": "10.9.9.9"},
             "old-os": {"fake_os": ubuntu20},
             "bad-port": {"ray_worker_head_port": "not-a-port"},
+            "no-token": {"ray_common_auth_token": ""},
         },
     )  # fmt: skip
     assert outcome["head"] == "ok"
@@ -1168,6 +1238,7 @@ def test_preflight_accepts_a_good_rack_and_names_each_bad_host(tmp_path: Path) -
     assert "runs Ubuntu 20.04" in outcome["old-os"]
     assert "ray_worker_head_port" in outcome["bad-port"]
     assert "int" in outcome["bad-port"]
+    assert "no-token: ray_common_auth_mode is token, so Ray needs" in outcome["no-token"]
 
 
 @pytest.mark.parametrize(

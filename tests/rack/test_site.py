@@ -32,7 +32,13 @@ from tools import demo_standin
 from tools.client_loop import ClientLoop, wait_answering
 from tools.prometheus import Prometheus
 from tools.rackbox import Rack, RackError, RackUnavailable, check_machine
-from tools.rackbox.cluster import RAY_PORT, RAY_VARS, SITE_DEBS, wait_for_alive_nodes
+from tools.rackbox.cluster import (
+    RAY_PORT,
+    RAY_VARS,
+    SITE_DEBS,
+    VENV_PYTHON,
+    wait_for_alive_nodes,
+)
 from tools.rackbox.nspawn import nspawn_argv
 from tools.rackbox.playbooks import Run, bootstrap
 from tools.rackbox.rack import check_binds
@@ -321,6 +327,85 @@ def test_ray_ports_answer_only_on_the_cluster_interface(site_rack: Rack, converg
     assert through_cluster.stdout.strip() == "open"
 
 
+# Run on a worker, as a stranger on the cluster network would: connect to the head's GCS and
+# ask its dashboard, with whatever token the environment gives (none, a wrong one, the rack's).
+STRANGER_SCRIPT = """
+import json, os, sys, urllib.error, urllib.request
+import ray
+out = {}
+try:
+    ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], logging_level="ERROR",
+             log_to_driver=False, configure_logging=False)
+    out["gcs"] = "connected %d nodes" % sum(n["Alive"] for n in ray.nodes())
+except Exception as exc:
+    out["gcs"] = type(exc).__name__
+token = os.environ.get("RAY_AUTH_TOKEN") or (
+    open(os.environ["RAY_AUTH_TOKEN_PATH"]).read() if "RAY_AUTH_TOKEN_PATH" in os.environ else "")
+headers = {"Authorization": "Bearer " + token} if token else {}
+request = urllib.request.Request(sys.argv[3], headers=headers)
+try:
+    out["dashboard"] = urllib.request.urlopen(request, timeout=10).status
+except urllib.error.HTTPError as exc:
+    out["dashboard"] = exc.code
+print("RACKSERVE-STRANGER " + json.dumps(out), flush=True)
+os._exit(0)
+"""
+STRANGERS = {
+    "no token": "env -u RAY_AUTH_MODE -u RAY_AUTH_TOKEN_PATH HOME=/tmp/stranger",
+    "wrong token": f"env RAY_AUTH_MODE=token RAY_AUTH_TOKEN={'0' * 64} HOME=/tmp/stranger",
+    "the rack's token": "env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/rackserve/ray-token",
+}
+
+
+def _strangers(rack: Rack) -> dict[str, dict[str, Any]]:
+    """Per kind of client in STRANGERS, from the first worker: what the GCS and dashboard said."""
+    head, worker = rack.hosts[0], rack.hosts[1]
+    argv = [VENV_PYTHON, "-c", STRANGER_SCRIPT, f"{head.ip}:{RAY_PORT}", worker.ip,
+            f"http://{head.ip}:8265/api/version"]  # fmt: skip
+    found = {}
+    for name, env in STRANGERS.items():
+        done = rack.ssh(worker, f"mkdir -p /tmp/stranger; {env} {shlex.join(argv)}",
+                        check=False, timeout=180)  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RACKSERVE-STRANGER")]
+        assert lines, f"{name}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        found[name] = json.loads(lines[-1].split(" ", 1)[1])
+    return found
+
+
+def assert_strangers_refused(rack: Rack) -> None:
+    """Ray refuses a client without the rack's token at the GCS and the dashboard (401 with no
+    token, 403 with a wrong one)."""
+    found = _strangers(rack)
+    assert found == {
+        "no token": {"gcs": "ConnectionError", "dashboard": 401},
+        "wrong token": {"gcs": "ConnectionError", "dashboard": 403},
+        "the rack's token": {"gcs": f"connected {len(rack.hosts)} nodes", "dashboard": 200},
+    }, found
+
+
+@pytest.mark.integration
+def test_ray_refuses_clients_without_the_rack_token(site_rack: Rack, converged: Run) -> None:
+    """Every Ray unit runs with RAY_AUTH_MODE=token and the vault's token in a 0600 file: on the
+    cluster network, a client with no token or a wrong one is refused by the GCS and the
+    dashboard; the rack's token gets in; the cluster goes on, and rackserve on the head, given no
+    setting, uses the token file."""
+    assert converged.result.ok, converged.explain()
+    for host in site_rack.hosts:
+        shown = site_rack.ssh(host, "stat -c '%a %U' /etc/rackserve/ray-token; "
+                              "cat /etc/rackserve/ray-token")  # fmt: skip
+        mode, token = shown.stdout.splitlines()
+        assert (mode, token) == ("600 root", RAY_VARS["ray_common_auth_token"]), host.name
+        unit = UNITS[host.role]
+        environ = site_rack.ssh(host, f"systemctl show -p Environment {unit}").stdout
+        assert "RAY_AUTH_MODE=token" in environ.split(), environ
+    assert_strangers_refused(site_rack)
+    assert_ray_cluster(site_rack)
+    head = site_rack.hosts[0]
+    shown = site_rack.ssh(head, f"rackserve status --address {head.ip}:{RAY_PORT} --json -",
+                          check=False)  # fmt: skip
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+
+
 @pytest.mark.integration
 def test_firewall_switches_off_and_on_by_its_tag_without_touching_ray(
     site_rack: Rack, converged: Run
@@ -444,6 +529,7 @@ def _controller_log(rack: Rack) -> str:
         "journalctl -u rackserve-controller --no-pager -n 150 -o short-monotonic; "
         "tail -n 20 /var/lib/rackserve/state/events.jsonl; "
         f"rackserve status --address {rack.hosts[0].ip}:{RAY_PORT}; "
+        "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/rackserve/ray-token "
         f"/opt/rackserve/venv/bin/ray status --address {rack.hosts[0].ip}:{RAY_PORT} -v; "
         "tail -n 40 /var/lib/rackserve/ray/session_latest/logs/serve/controller_*.log",
         check=False,
@@ -564,7 +650,10 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
         on_victim = sorted(m for m, n in placed.items() if n == victim.name)
         (stay,) = (m for m in models if m not in on_victim)
         with ClientLoop(SERVE_PORT, models, pause_s=0.2, host=head.ip) as loop:
-            time.sleep(3)
+            started = time.monotonic()
+            assert_strangers_refused(site_rack)  # strangers knock while the models serve
+            assert all(not loop.counts[m].failed for m in models), _seen(loop, started)
+            assert all(loop.counts[m].answered for m in models), _seen(loop, started)
             cut = time.monotonic()
             site_rack.power_cut(victim)
             replanned = _wait_for(

@@ -7,6 +7,7 @@ small tmpfs, so the Ray units get an explicit object store. Ray is asked from in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import time
@@ -21,8 +22,12 @@ OBJECT_STORE_BYTES = 256 * 2**20
 
 # Inventory variables for Ray on the boxed hosts (beside python_env_wheelhouse, which the
 # harness sets): a small object store (/dev/shm), and a rack name for the labels.
+RAY_TOKEN = hashlib.sha256(b"rackserve rack-in-a-box").hexdigest()
+"""The rack-in-a-box's Ray token (ray_common_auth_token; a real rack keeps a random one in a
+vault)."""
 RAY_VARS: dict[str, Any] = {
     "rackserve_rack": "box-1",
+    "ray_common_auth_token": RAY_TOKEN,
     "ray_head_object_store_memory": OBJECT_STORE_BYTES,
     "ray_worker_object_store_memory": OBJECT_STORE_BYTES,
 }
@@ -35,7 +40,10 @@ RAY_VARS: dict[str, Any] = {
 SITE_DEBS = ("g++", "python3-dev", "nftables", "prometheus", "prometheus-node-exporter")
 
 _NODES_SCRIPT = """
-import json, sys, ray
+import json, sys
+from deployer.serving.ray_token import use_rack_token
+use_rack_token()  # the rack's Ray token, as rackserve uses it
+import ray
 ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], logging_level="ERROR",
          log_to_driver=False, configure_logging=False)
 nodes = [{"ip": n["NodeManagerAddress"], "alive": n["Alive"], "labels": n.get("Labels", {}),
