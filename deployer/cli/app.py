@@ -402,6 +402,42 @@ def deploy(
     )
 
 
+@app.command()
+def stage(
+    models: ModelsOption = None,
+    address: AddressOption = "auto",
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="Stage the models that fit even if some don't.")
+    ] = False,
+    reserve_gib: ReserveOption = DEFAULT_RESERVE_GIB,
+    cluster: ClusterFileOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Copy the weights of `weights: staged` models onto the nodes the next deploy places them.
+
+    Plans as `deploy` would (running models stay where they are), then, on each placed node,
+    copies the local checkpoint directory `model_source` into `store_dir` and verifies it
+    (space checked first; a second run copies nothing); `weights: shared` copies are verified
+    in place. Launches nothing. `deploy` stages by itself before engines start; this does it
+    ahead, e.g. before a maintenance window.
+    """
+    require("ray.serve", "stage")
+    from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray
+    from deployer.serving.launch import deploy as run_deploy  # noqa: PLC0415
+
+    options = DeployOptions(
+        address,
+        allow_partial=allow_partial,
+        reserve_gib=reserve_gib,
+        cluster=load_cluster(cluster) if cluster else None,
+        state_dir=state_dir_or_default(state_dir),
+        stage_only=True,
+    )
+    run_deploy(
+        load_models(models), options, plain_lines(console), lambda plan: print_plan(console, plan)
+    )
+
+
 NodeArgument = Annotated[
     str, typer.Argument(help="The node's name: its rackserve/node label, as `status` shows it.")
 ]

@@ -18,13 +18,26 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deployer.config.documents import decode_document, environment_text, read_input_file
 from deployer.errors import ConfigError, printable, shown
 
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16"]
 Dtype = Literal["auto", "bfloat16", "float16", "half", "float32", "float"]
+Weights = Literal["engine", "staged", "shared"]
+
+MODEL_STORE_DIR = "/var/lib/rackserve/models"
+"""Where staged weights go on each node by default (`store_dir`)."""
+_NAME_LIMIT = 255  # bytes in one path component on Linux filesystems
 
 # Keys of engine_kwargs that have a field of their own here, or that Ray Serve LLM forbids.
 _ENGINE_KWARGS_OWNED = {
@@ -121,6 +134,21 @@ class ModelConfig(BaseModel):
         description="HTTP route prefix of the application (Ray Serve); one for all models.",
     )
     node: Name | None = Field(default=None, description="Pin the model to this node (by name).")
+    weights: Weights = Field(
+        default="engine",
+        description=(
+            "How the weights reach the nodes: engine (the engine loads model_source: a hub id, or "
+            "a path every node has), staged (rackserve copies the local directory model_source "
+            "into store_dir on each node the model is placed on, before its engine starts), "
+            "shared (model_source is on a filesystem every node mounts: checked on each placed "
+            "node). staged and shared engines run with the hub offline."
+        ),
+    )
+    store_dir: Path_ = Field(
+        default=MODEL_STORE_DIR,
+        description="The nodes' directory of staged weights (absolute); a model's are in "
+        "<store_dir>/<model_id, '/' as '--'>.",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed to vLLM's engine unchanged."
     )
@@ -156,10 +184,56 @@ class ModelConfig(BaseModel):
             raise ValueError(f"{owned} must be set as top-level fields of the model, not here")
         return value
 
+    @model_validator(mode="after")
+    def _weights_have_a_place(self) -> ModelConfig:
+        if not self.store_dir.startswith("/"):
+            raise ValueError(f"store_dir must be an absolute path, not {shown(self.store_dir)}")
+        if self.weights != "engine" and self.model_source is None:
+            raise ValueError(
+                f"weights: {self.weights} needs model_source, the checkpoint directory "
+                + ("to copy from" if self.weights == "staged" else "every node mounts")
+            )
+        if self.weights == "shared" and not self.source.startswith("/"):
+            raise ValueError(
+                "weights: shared needs an absolute model_source, the same path on every node"
+            )
+        if self.weights == "staged":
+            model_dir_name(self.model_id)  # the store can name it
+        return self
+
     @property
     def source(self) -> str:
         """Where the checkpoint is: model_source, or model_id when that is not given."""
         return self.model_source or self.model_id
+
+    @property
+    def served_source(self) -> str:
+        """What the engine loads: the staged copy in store_dir, else `source`."""
+        if self.weights == "staged":
+            return f"{self.store_dir.rstrip('/')}/{model_dir_name(self.model_id)}"
+        return self.source
+
+
+def model_dir_name(model: str) -> str:
+    """The store directory's name for a model id: `/` becomes `--` (`org/name` -> `org--name`).
+
+    The Hugging Face cache's convention; the hub forbids `--` in repo ids, so two of its ids
+    never share a directory. An id that cannot be one safe path component raises ValueError.
+    """
+    parts = model.split("/")
+    name = "--".join(parts)
+    problem = None
+    if any(part in {"", ".", ".."} for part in parts):
+        problem = "it is empty, or has an empty, '.' or '..' part"
+    elif printable(model) != model or "\x00" in model:
+        problem = "it holds control characters"
+    elif name.startswith("."):
+        problem = "it starts with '.', which the store keeps for staging's temporaries"
+    elif len(name.encode("utf-8", "surrogateescape")) > _NAME_LIMIT:
+        problem = f"the directory name would be longer than {_NAME_LIMIT} bytes"
+    if problem:
+        raise ValueError(f"model id {shown(model)} cannot name a store directory: {problem}")
+    return name
 
 
 def _field_names() -> list[str]:

@@ -114,9 +114,11 @@ def llm_config(model: ModelConfig, placement: Placement, node: Node) -> dict[str
         env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
         accelerator = {"accelerator_config": {"kind": "cpu"}}
         actor_options = {"num_cpus": 0}  # the replica lives in the bundle's CPU
+    if model.weights != "engine":
+        env["HF_HUB_OFFLINE"] = "1"  # staged or shared: the weights are on the node already
     selector = node_selector(node)
     return {
-        "model_loading_config": {"model_id": model.model_id, "model_source": model.source},
+        "model_loading_config": {"model_id": model.model_id, "model_source": model.served_source},
         "engine_kwargs": engine_kwargs(model, placement),
         **accelerator,
         "placement_group_config": {"bundles": bundles, "strategy": "STRICT_PACK"},

@@ -55,6 +55,7 @@ from deployer.serving.probe import connect, probe_cluster
 from deployer.serving.replicas import ReplicaHistory, replica_history
 from deployer.serving.state import FileStateStore, StateStore, deployed_store
 from deployer.serving.tls import TlsFiles
+from deployer.serving.weights import stage_weights
 from deployer.sources.estimates import estimate_models
 
 Say = Callable[[str], None]
@@ -108,6 +109,8 @@ class DeployOptions:
     """The API key file the ingress checks, on the head (`--api-keys`); None: no keys asked."""
     tls: TlsFiles | None = None
     """The certificate and key Serve's HTTP proxies serve HTTPS with; None: plain HTTP."""
+    stage_only: bool = False
+    """Plan as a deploy would, stage every placed model's weights, launch nothing (`stage`)."""
 
     def http_settings(self) -> dict[str, Any]:
         """What Serve applies only when it starts: the endpoint's address, port and TLS."""
@@ -323,7 +326,13 @@ def _deploy(
         and deployed.settings.get("api_keys")
         == (str(options.api_keys) if options.api_keys else None)
     )
-    if unchanged and running and not options.lost and not options.rebalance:
+    if (
+        unchanged
+        and running
+        and not options.lost
+        and not options.rebalance
+        and not options.stage_only
+    ):
         say("nothing to change: these models are deployed as planned")
         return None
     cluster = _cluster_for(options, drained)
@@ -358,15 +367,11 @@ def _deploy(
     )
     if on_diff is not None:
         on_diff(changes)
-    if plan.unplaced and options.plan_only:
-        raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
-    if options.plan_only:
+    if _stops_at_the_plan(plan, options):
         return plan
-    if plan.unplaced and not options.allow_partial:
-        raise UnplacedError(
-            f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
-            "launched. Pass --allow-partial to launch the others."
-        )
+    if options.stage_only:
+        stage_weights(change.specs, models, cluster, say)
+        return plan
     if change.downtime and not options.allow_downtime:
         raise NoRoomError(
             f"no room to start the new engine of {', '.join(change.downtime)} beside the one "
@@ -381,6 +386,7 @@ def _deploy(
             f"this deploy would interrupt {len(interrupted)} running model(s): {named}; "
             "nothing was changed. Confirm on a terminal, or pass --yes."
         )
+    stage_weights(change.start, models, cluster, say)  # before anything stops or starts
     start_serve(options, restart_serve, say)
     quiet_builders()
     apps = _stop_and_start(change, applications, say, options.engine)
@@ -424,6 +430,20 @@ def _deploy(
         )
     say(f"deployed {len(specs)} model(s) as application {APP_NAME!r} at {options.endpoint(prefix)}")
     return plan
+
+
+def _stops_at_the_plan(plan: Plan, options: DeployOptions) -> bool:
+    """True for `--plan-only`; UnplacedError when models do not fit and that is not allowed."""
+    if plan.unplaced and options.plan_only:
+        raise UnplacedError(f"{len(plan.unplaced)} model(s) do not fit (reasons above)")
+    if options.plan_only:
+        return True
+    if plan.unplaced and not options.allow_partial:
+        raise UnplacedError(
+            f"{len(plan.unplaced)} model(s) do not fit (reasons above); nothing was "
+            "launched. Pass --allow-partial to launch the others."
+        )
+    return False
 
 
 def _stop_and_start(

@@ -161,3 +161,49 @@ def test_route_prefix_is_shared_by_all_models() -> None:
         parse_models_config(
             "models: [{model_id: a, route_prefix: /x}, {model_id: b, route_prefix: /y}]"
         )
+
+
+def test_staged_and_shared_weights_load_offline_from_the_node() -> None:
+    models = parse_models_config(
+        """
+models:
+  - {model_id: org/s, model_source: /srv/ckpt/s, weights: staged, gpu_memory_gib: 10}
+  - {model_id: t, model_source: /nfs/t, weights: shared, gpu_memory_gib: 10}
+  - {model_id: u, model_source: /srv/u, weights: staged, store_dir: /nvme/m/, gpu_memory_gib: 10}
+  - {model_id: hub, model_source: org/hub, gpu_memory_gib: 10}
+"""
+    )
+    cluster = Cluster(nodes=[h100_node("gpu-a", 4)])
+    configs = {
+        s.model_id: s.llm_config for s in engine_specs(plan_for(models, cluster), models, cluster)
+    }
+    sources = {m: c["model_loading_config"]["model_source"] for m, c in configs.items()}
+    assert sources == {
+        "org/s": "/var/lib/rackserve/models/org--s",
+        "t": "/nfs/t",
+        "u": "/nvme/m/u",
+        "hub": "org/hub",
+    }
+    offline = {m: c["runtime_env"]["env_vars"].get("HF_HUB_OFFLINE") for m, c in configs.items()}
+    assert offline == {"org/s": "1", "t": "1", "u": "1", "hub": None}
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("{model_id: a, weights: staged}", "weights: staged needs model_source"),
+        ("{model_id: a, weights: shared}", "weights: shared needs model_source"),
+        ("{model_id: a, model_source: rel/dir, weights: shared}", "needs an absolute model_source"),
+        (
+            "{model_id: a, model_source: /x, store_dir: models}",
+            "store_dir must be an absolute path",
+        ),
+        ("{model_id: a/../b, model_source: /x, weights: staged}", "cannot name a store directory"),
+        ("{model_id: .a, model_source: /x, weights: staged}", "starts with '.'"),
+        ("{model_id: a, weights: copied}", "weights"),
+    ],
+)
+def test_weights_settings_that_cannot_work_are_bad_input(model: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_models_config(f"models: [{model}]")
+    assert problem in str(caught.value)
