@@ -5,12 +5,12 @@
 1. builds the two tiny local models (as the quickstart does) and the offline wheelhouse that
    the python_env role installs from (tools/rackbox/wheelhouse.py), both cached;
 2. boots the rack-in-a-box: three Debian hosts (systemd-nspawn, each with its own IP address,
-   sshd and systemd; no route out), the wheelhouse at /srv/wheelhouse and the models at
-   /srv/models, read-only;
+   sshd and systemd; no route out), the wheelhouse at /srv/wheelhouse, read-only;
 3. runs `rackserve bootstrap -i <the rack's inventory> -e @<demo vars>`: playbooks/site.yml
-   installs the Python environment, starts the Ray head and workers as systemd services and
-   deploys the models from the head (the deploy_models role prints the plan); the demo vars
-   pin tiny-a to worker 1 and tiny-b to worker 2;
+   installs the Python environment, starts the Ray head and workers as systemd services, copies
+   the models from this machine into the head's depot (the model_store role) and deploys them
+   from the head (the deploy_models role prints the plan), staging each model's weights onto its
+   node first (`weights: staged`); the demo vars pin tiny-a to worker 1 and tiny-b to worker 2;
 4. asks the head's endpoint (on the bridge) for `GET /v1/models` and one chat completion per
    model, shows `rackserve status` as run on the head;
 5. rehearses a GPU deployment on the same rack: the workers' Ray has 4 logical GPUs each
@@ -48,23 +48,30 @@ from tools.rackbox import Rack, cluster, wheelhouse
 
 PREFIX = "demo"
 NETWORK = "10.231.20.0/24"
-MODELS_MOUNT = "/srv/models"
+DEPOT = "/var/lib/rackserve/depot"  # model_store_depot_dir
 HTTP_PORT = 8000
 RAY_PORT = 6379
 NEEDS_GIB = 10  # Ray on three hosts, two engines and the ingress
 
 
-def demo_vars(models: Sequence[str], nodes: Sequence[str], port: int) -> dict[str, Any]:
+def demo_vars(
+    models: Sequence[str], models_dir: Path, nodes: Sequence[str], port: int
+) -> dict[str, Any]:
     """The extra vars of the demo's bootstrap: the models, pinned one per node, and offline hub.
 
-    The model sources are the paths inside the hosts (the bind mount).
+    model_store copies each model from `models_dir` (this machine, the control host) into the
+    head's depot; the models are `weights: staged` from there, so rackserve copies each onto
+    the node the plan places it on before its engine starts.
     """
-    sources = {model_id: Path(MODELS_MOUNT) / model_id for model_id in models}
+    sources = {model_id: Path(DEPOT) / model_id for model_id in models}
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    staged = [{**model, "weights": "staged"} for model in models_config(sources, nodes)["models"]]
     return {
+        "model_store_depot_dir": DEPOT,
+        "model_store_models": [{"name": m, "src": str(models_dir / m)} for m in models],
         "deploy_models_enabled": True,
         "deploy_models_file": "",
-        "deploy_models_models": models_config(sources, nodes)["models"],
+        "deploy_models_models": staged,
         "deploy_models_environment": offline,
         "deploy_models_extra_args": ["--http-port", str(port)],
         "ray_head_environment": offline,
@@ -179,7 +186,6 @@ def run(keep: bool, cache: Path, port: int) -> int:
         prefix=PREFIX,
         network=NETWORK,
         wheelhouse=house.path,
-        binds={models_dir: MODELS_MOUNT},
         inventory_vars={**cluster.RAY_VARS, **demo_standin.INVENTORY_VARS},
         prefetch=cluster.SITE_DEBS,
         replace=True,
@@ -193,7 +199,8 @@ def run(keep: bool, cache: Path, port: int) -> int:
             print(f"  {host.name:<16} {host.ip:<14} {host.role}", flush=True)
         extra = rack.spec.rack_dir / "demo-vars.yml"
         workers = [host.name for host in rack.hosts[1:]]
-        extra.write_text(yaml.safe_dump(demo_vars(models, workers, port), sort_keys=False))
+        variables = demo_vars(models, models_dir, workers, port)
+        extra.write_text(yaml.safe_dump(variables, sort_keys=False))
 
         _step("rackserve bootstrap: site.yml, models pinned to the two workers")
         started = time.monotonic()

@@ -206,13 +206,13 @@ def test_site_runs_the_roles_in_order_with_tags() -> None:
             imported = play["tasks"][0]["ansible.builtin.import_role"]
             roles.append((play["hosts"], imported["name"], play["tags"]))
     assert [r[1] for r in roles] == [
-        "preflight", "nvidia_driver", "python_env", "ray_head", "ray_worker", "deploy_models",
-        "monitoring", "monitoring", "grafana",
+        "preflight", "nvidia_driver", "python_env", "ray_head", "ray_worker", "model_store",
+        "deploy_models", "monitoring", "monitoring", "grafana",
     ]  # fmt: skip
     assert roles[0][2] == ["always"]
     assert plays[0]["any_errors_fatal"] is True
     assert [r[0] for r in roles[1:]] == [
-        "gpu_nodes", "ray_head:ray_workers", "ray_head", "ray_workers", "ray_head",
+        "gpu_nodes", "ray_head:ray_workers", "ray_head", "ray_workers", "ray_head", "ray_head",
         "ray_head:ray_workers:monitoring", "ray_head:monitoring", "grafana",
     ]  # fmt: skip
     assert all(role in tags for _, role, tags in roles[1:])

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.checkpoints import write_checkpoint
 from tests.rack.conftest import booted, skip_or_fail
 from tools import demo_standin
 from tools.client_loop import ClientLoop, wait_answering
@@ -508,6 +509,100 @@ def test_logical_gpus_rehearse_a_gpu_deployment_with_the_standin(
     assert back.result.ok, back.explain()
     alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
     assert all("GPU" not in alive[w.name]["resources"] for w in workers), alive
+
+
+DEPOT = "/var/lib/rackserve/depot"
+STORE = "/var/lib/rackserve/models"
+
+
+def _staged_on(rack: Rack, name: str) -> list[str]:
+    """The hosts whose model store holds the model's directory."""
+    return [
+        host.name
+        for host in rack.hosts
+        if rack.ssh(host, f"test -d {STORE}/{name}", check=False).returncode == 0
+    ]
+
+
+def _head_rackserve(rack: Rack, args: str) -> Any:
+    head = rack.hosts[0]
+    return rack.ssh(head, f"rackserve {args} --address {head.ip}:{RAY_PORT}", check=False,
+                    timeout=300)  # fmt: skip
+
+
+@pytest.mark.integration
+def test_weights_are_staged_onto_the_planned_node_and_no_other(
+    site_rack: Rack, converged: Run, tmp_path: Path
+) -> None:
+    """model_store copies two checkpoints from this machine (the control host) into the head's
+    depot; deploy_models deploys them `weights: staged`, so each is copied onto the worker the
+    plan chose, and onto no other host, before its engine starts. A second run changes nothing;
+    a damaged file is found and copied again by `rackserve stage`; a store too small fails with
+    node, model and bytes short, leaving nothing."""
+    assert converged.result.ok, converged.explain()
+    head, workers = site_rack.hosts[0], site_rack.hosts[1:]
+    sources = {
+        "tiny-s": write_checkpoint(tmp_path / "tiny-s", sums=True),
+        "org/tiny-t": write_checkpoint(tmp_path / "tiny-t"),
+    }
+    names = {m: m.replace("/", "--") for m in sources}
+    models = [{"model_id": m, "model_source": f"{DEPOT}/{names[m]}", "weights": "staged",
+               "gpu_memory_gib": 50} for m in sources]  # fmt: skip
+    variables = {
+        **_rehearsal_vars(workers, models),
+        "model_store_models": [{"name": m, "src": str(p)} for m, p in sources.items()],
+    }
+    steps = "ray_worker,models"
+    small = "/var/lib/rackserve/small-store"
+    try:
+        run = bootstrap(site_rack, tags=steps, extravars=variables)
+        assert run.result.ok, run.explain()
+        placed = _deployed_on(site_rack)
+        for model, name in names.items():
+            assert placed[model] in {w.name for w in workers}, placed
+            assert _staged_on(site_rack, name) == [placed[model]], (model, placed)
+        node = next(h for h in workers if h.name == placed["tiny-s"])
+        checked = site_rack.ssh(node, f"cd {STORE}/tiny-s && sha256sum --quiet -c SHA256SUMS")
+        assert checked.returncode == 0
+
+        again = bootstrap(site_rack, tags=steps, extravars=variables)
+        assert again.result.ok, again.explain()
+        assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
+
+        shard = f"{STORE}/tiny-s/model-00001-of-00002.safetensors"
+        last = f"$(($(stat -c %s {shard}) - 1))"
+        site_rack.ssh(node, f"printf '\\377' | dd of={shard} bs=1 seek={last} conv=notrunc")
+        assert site_rack.ssh(node, f"cd {STORE}/tiny-s && sha256sum --quiet -c SHA256SUMS",
+                             check=False).returncode != 0  # fmt: skip
+        files = "--models /etc/rackserve/models.yaml --cluster /etc/rackserve/cluster.yaml"
+        staged = _head_rackserve(site_rack, f"stage {files}")
+        assert staged.returncode == 0, staged.stdout + staged.stderr
+        assert f"tiny-s@{node.name}: copied 1 files" in staged.stdout, staged.stdout
+        assert f"org/tiny-t@{placed['org/tiny-t']}: already staged" in staged.stdout
+        site_rack.ssh(node, f"cd {STORE}/tiny-s && sha256sum --quiet -c SHA256SUMS")
+
+        full = workers[0]
+        site_rack.ssh(full, f"mkdir -p {small} && mount -t tmpfs -o size=1m tmpfs {small}")
+        small_models = [{"model_id": "tiny-u", "model_source": f"{DEPOT}/tiny-s",
+                         "weights": "staged", "store_dir": small, "node": full.name,
+                         "gpu_memory_gib": 10}]  # fmt: skip
+        site_rack.ssh(head, "cat > /tmp/small.yaml <<'EOF'\n"
+                            f"{yaml.safe_dump({'models': small_models})}EOF")  # fmt: skip
+        refused = _head_rackserve(
+            site_rack,
+            "stage --models /tmp/small.yaml --cluster /etc/rackserve/cluster.yaml "
+            "--state-dir /tmp/small",
+        )
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"node {full.name}: model 'tiny-u': not enough space in {small}" in refused.stderr
+        assert "bytes) short" in refused.stderr, refused.stderr
+        assert site_rack.ssh(full, f"ls -A {small}").stdout == ""
+    finally:
+        site_rack.ssh(workers[0], f"umount {small}; rm -rf {small}", check=False)
+        site_rack.ssh(head, f"rackserve down --address {head.ip}:{RAY_PORT} "
+                            "--state-dir /var/lib/rackserve/state", check=False)  # fmt: skip
+        back = bootstrap(site_rack, tags="ray_worker")
+    assert back.result.ok, back.explain()
 
 
 def _deployed_on(rack: Rack) -> dict[str, str]:
