@@ -76,6 +76,7 @@ def deploy_args(models_file: Path, address: str, port: int) -> list[str]:
         HEAD_IP,
         "--http-port",
         str(port),
+        "--no-auth",  # the quickstart's endpoint listens on loopback only
     ]
 
 

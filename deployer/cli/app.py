@@ -279,12 +279,14 @@ SslKeyOption = Annotated[
 NoAuthOption = Annotated[
     bool,
     typer.Option(
-        "--no-auth", help="Serve without API keys: anyone reaching the port may use every model."
+        "--no-auth",
+        help="Serve without API keys, on purpose: anyone reaching the port may use every model "
+        "(without keys or this, deploy refuses).",
     ),
 ]
 NO_KEYS = (
     "the endpoint has no API keys: anyone who reaches its port may use every model. Add a key "
-    "with `rackserve keys add NAME --models ID,...` and deploy again, or pass --no-auth"
+    "with `rackserve keys add NAME --models ID,...` and deploy again with it"
 )
 
 
@@ -298,8 +300,12 @@ def api_key_file(given: Path | None, no_auth: bool) -> Path | None:
         return None
     path = given or (DEFAULT_KEY_FILE if DEFAULT_KEY_FILE.exists() else None)
     if path is None:
-        errors.print(f"warning: {NO_KEYS}")
-        return None
+        raise ConfigError(
+            f"no API keys: {DEFAULT_KEY_FILE} does not exist and --api-keys was not given, so "
+            "the endpoint would be open to anyone who reaches its port; nothing was deployed. "
+            "Add a key with `rackserve keys add NAME --models '*'` (it writes that file), give "
+            "--api-keys FILE, or pass --no-auth to serve without keys on purpose"
+        )
     read_keys(path)  # a missing, unreadable, open or broken file: refused before any change
     return path.absolute()
 

@@ -124,7 +124,7 @@ def test_deploy_grow_redeploy_refuse_status_down(
 ) -> None:
     address = ray_cluster.address
     port = endpoint.rsplit(":", 1)[1]
-    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", port]
+    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", port, "--no-auth"]
     one = [entry("tiny-a", models["tiny-a"], "head")]
     two = [*one, entry("tiny-b", models["tiny-b"], "worker")]
 
@@ -258,7 +258,7 @@ def test_prometheus_counts_each_models_requests_and_runs_every_panel(
     address = ray_cluster.address
     port = int(endpoint.rsplit(":", 1)[1])
     two = [entry("tiny-a", models["tiny-a"], "head"), entry("tiny-b", models["tiny-b"], "worker")]
-    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", str(port)]
+    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", str(port), "--no-auth"]
     state = str(tmp_path / "state")
     deployed = rackserve(
         "deploy", "--models", models_file(tmp_path / "two.json", two), "--state-dir", state, *common
@@ -520,9 +520,12 @@ def test_api_keys_refuse_filter_revoke_and_count_per_key(
     for secret in (ops, only_a, doomed):
         assert secret not in key_file.read_text()
     models_path = models_file(tmp_path / "two.json", two)
-    open_endpoint = rackserve("deploy", "--models", models_path, *common)
+    refused = rackserve("deploy", "--models", models_path, *common)
+    assert refused.returncode == 2, refused.stdout + refused.stderr  # no keys, not on purpose
+    assert "no API keys" in refused.stderr
+    assert "--no-auth" in refused.stderr
+    open_endpoint = rackserve("deploy", "--models", models_path, "--no-auth", *common)
     assert open_endpoint.returncode == 0, open_endpoint.stdout + open_endpoint.stderr
-    assert "no API keys" in open_endpoint.stderr
     wait_answering(port, ["tiny-a", "tiny-b"], 300)
     engines = {a: t for a, t in replica_start_times(address).items() if a != APP_NAME}
     warned = rackserve("status", "--address", address)
@@ -639,7 +642,7 @@ def test_a_killed_engine_is_restarted_while_the_other_model_answers(
     address = ray_cluster.address
     port = int(endpoint.rsplit(":", 1)[1])
     two = [entry("tiny-a", models["tiny-a"], "head"), entry("tiny-b", models["tiny-b"], "worker")]
-    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", str(port)]
+    common = ["--address", address, "--http-host", HEAD_IP, "--http-port", str(port), "--no-auth"]
     deployed = rackserve("deploy", "--models", models_file(tmp_path / "two.json", two), *common)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     wait_answering(port, ["tiny-a", "tiny-b"], 300)

@@ -644,6 +644,7 @@ def run(smoke: Smoke) -> int:
         "127.0.0.2",
         "--http-port",
         str(smoke.http_port),
+        "--no-auth",
     ]
     if smoke.rehearse:
         deploy += ["--engine", "standin"]

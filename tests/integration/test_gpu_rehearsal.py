@@ -375,6 +375,7 @@ def test_deploy_refuses_a_cluster_file_ray_does_not_match(rack: Rack, tmp_path: 
             HEAD_IP,
             "--http-port",
             str(rack.port),
+            "--no-auth",
         ],
         capture_output=True,
         text=True,

@@ -435,6 +435,14 @@ CASES = [
         quiet_stdout=True,
     ),
     Case(
+        "deploy-without-keys-or-no-auth",
+        ("deploy", "-m", "m.yaml", "--address", "127.0.0.1:9"),
+        {"m.yaml": models_yaml(f"{{model_id: a, {GIVEN}}}")},
+        2,
+        ("no API keys:", "nothing was deployed", "pass --no-auth to serve without keys on purpose"),
+        quiet_stdout=True,
+    ),
+    Case(
         "api-key-file-readable-by-others",
         ("deploy", "-m", "m.yaml", "--api-keys", "keys.json"),
         {"m.yaml": models_yaml(f"{{model_id: a, {GIVEN}}}"), "keys.json": '{"keys": []}'},
@@ -815,7 +823,7 @@ CASES = [
     ),
     Case(
         "deploy-refuses-what-plan-refuses",
-        ("deploy", "-m", "m.yaml", "--address", "127.0.0.1:9"),
+        ("deploy", "-m", "m.yaml", "--address", "127.0.0.1:9", "--no-auth"),
         {
             "m.yaml": models_yaml(
                 f"{{model_id: a, {GIVEN}, route_prefix: /a}}",

@@ -1,5 +1,6 @@
-"""`rackserve stage` and `deploy` put `weights: staged` models on their planned nodes, through a
-real local Ray cluster (a head and a worker on loopback, both on this machine's disk).
+"""`rackserve stage` puts `weights: staged` models on their planned nodes, through a real local
+Ray cluster (a head and a worker on loopback, both on this machine's disk). `deploy` staging
+before its engines start is tested on the rack-in-a-box (tests/rack/test_site.py).
 
 Each model's store directory is its own, so the files of each show which node's task wrote
 them; the command's own lines say where each copy ran, and the staging code checks that the
@@ -8,7 +9,6 @@ task ran on the planned Ray node. The stores are tmpfs mounts, so a full disk is
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from deployer.errors import ExitCode
 from deployer.staging import read_manifest, verify_model
 from tests.checkpoints import flip_last_byte, write_checkpoint, write_sums
 from tests.conftest import Mount
-from tools.local_ray import RayCluster, free_port
+from tools.local_ray import RayCluster
 
 pytestmark = pytest.mark.integration
 
@@ -133,25 +133,3 @@ def test_a_broken_checkpoint_is_bad_input_before_any_copy(
     assert "tiny-d" in done.stderr, done.stderr
     assert "SHA256SUMS" in done.stderr, done.stderr
     assert os.listdir(store) == []
-
-
-def test_deploy_stages_then_runs_the_engine_offline_from_the_store(
-    ray_cluster: RayCluster, two_models: dict[str, Any]
-) -> None:
-    """The stand-in engine deployed from staged weights: its model_source is the node's store
-    copy and the hub is off; `down` afterwards leaves the cluster as it was."""
-    args = ["--models", str(two_models["file"]), "--state-dir", str(two_models["state"])]
-    try:
-        port = str(free_port("127.0.0.1"))
-        done = rackserve("deploy", *args, "--engine", "standin", "--no-auth", "--http-port", port,
-                         address=ray_cluster.address)  # fmt: skip
-        assert "weights ready on every node" in done.stdout, done.stdout
-        record = json.loads((two_models["state"] / "deployed.json").read_text())
-        for model in two_models["nodes"]:
-            config = record["engines"][model]
-            source = config["model_loading_config"]["model_source"]
-            assert source == str(two_models["stores"][model] / model.replace("/", "--"))
-            assert config["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    finally:
-        rackserve("down", "--state-dir", str(two_models["state"]), address=ray_cluster.address,
-                  check_code=None)  # fmt: skip

@@ -28,6 +28,8 @@ vault)."""
 RAY_VARS: dict[str, Any] = {
     "rackserve_rack": "box-1",
     "ray_common_auth_token": RAY_TOKEN,
+    # The boxed endpoint is reached only from this machine: served without API keys, on purpose.
+    "deploy_models_no_auth": True,
     "ray_head_object_store_memory": OBJECT_STORE_BYTES,
     "ray_worker_object_store_memory": OBJECT_STORE_BYTES,
 }

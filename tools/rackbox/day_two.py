@@ -93,7 +93,16 @@ def deploy(rack: Rack, models: Sequence[str], gib: Mapping[str, float] | None = 
     config = json.dumps(models_config(models, gib))
     rack.ssh(rack.hosts[0], f"cat > {path} <<'EOF'\n{config}\nEOF")
     return head_command(
-        rack, "deploy", "--models", path, "--engine", "standin", "--cluster", CLUSTER_PATH, "--yes"
+        rack,
+        "deploy",
+        "--models",
+        path,
+        "--engine",
+        "standin",
+        "--cluster",
+        CLUSTER_PATH,
+        "--yes",
+        "--no-auth",
     )
 
 
