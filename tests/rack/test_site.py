@@ -5,10 +5,11 @@ The hosts are offline: the python_env role installs from the wheelhouse (tools/r
 wheelhouse.py, built once and cached), bind-mounted at /srv/wheelhouse. Models are deployed only
 with the stand-in engine on logical GPUs (`nox -s demo` serves real ones). In order, on one
 rack: the first converge, Ray's node table (3 alive nodes, the inventory's IPs and labels), the
-GPU-less hosts' one-line driver skip, the firewall, a second run with changed=0, `--check`
-changing nothing, a stand-in deployment, power cuts of a worker, the head and the whole rack
-healed by the controller with no Ansible run, reset twice (the second changed=0) and a converge
-again. About 20 minutes on 2 cores; most of it is the two installs of the venv (about 4 GB per
+GPU-less hosts' one-line driver skip, the firewall, Ray's token refusing strangers, a second
+run with changed=0, `--check` changing nothing, a stand-in deployment on logical GPUs with its
+weights staged from this machine (the control host) onto the planned nodes, power cuts of a
+worker, the head and the whole rack healed by the controller with no Ansible run, reset twice
+(the second changed=0) and a converge again. About 20 minutes on 2 cores; most of it is the two installs of the venv (about 4 GB per
 host) and the power cuts.
 """
 
@@ -20,7 +21,7 @@ import os
 import shlex
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -358,13 +359,15 @@ STRANGERS = {
 }
 
 
-def _strangers(rack: Rack) -> dict[str, dict[str, Any]]:
-    """Per kind of client in STRANGERS, from the first worker: what the GCS and dashboard said."""
+def _strangers(rack: Rack, kinds: Iterable[str] = STRANGERS) -> dict[str, dict[str, Any]]:
+    """Per kind of client (of STRANGERS), from the first worker: what the GCS and dashboard
+    said."""
     head, worker = rack.hosts[0], rack.hosts[1]
     argv = [VENV_PYTHON, "-c", STRANGER_SCRIPT, f"{head.ip}:{RAY_PORT}", worker.ip,
             f"http://{head.ip}:8265/api/version"]  # fmt: skip
     found = {}
-    for name, env in STRANGERS.items():
+    for name in kinds:
+        env = STRANGERS[name]
         done = rack.ssh(worker, f"mkdir -p /tmp/stranger; {env} {shlex.join(argv)}",
                         check=False, timeout=180)  # fmt: skip
         lines = [line for line in done.stdout.splitlines() if line.startswith("RACKSERVE-STRANGER")]
@@ -461,56 +464,6 @@ def _rehearsal_vars(workers: Any, models: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
-@pytest.mark.integration
-def test_logical_gpus_rehearse_a_gpu_deployment_with_the_standin(
-    site_rack: Rack, converged: Run
-) -> None:
-    """`ray_worker_logical_gpus` gives the workers' Ray GPUs that NVML cannot see; deploy_models
-    with the stand-in engine and a cluster file declaring them deploys there, each rank on the
-    planned node and GPUs, and a second run deploys nothing. Then the models are removed and the
-    workers start without logical GPUs again."""
-    assert converged.result.ok, converged.explain()
-    head, workers = site_rack.hosts[0], site_rack.hosts[1:]
-    rehearsal = _rehearsal_vars(
-        workers,
-        [
-            {"model_id": "pair", "tensor_parallel_size": 2, "gpu_memory_gib": 50},
-            {"model_id": "small", "gpu_memory_gib": 10},
-        ],
-    )
-    steps = "ray_worker,deploy_models"
-    try:
-        run = bootstrap(site_rack, tags=steps, extravars=rehearsal)
-        assert run.result.ok, run.explain()
-        alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
-        for worker in workers:
-            assert alive[worker.name]["resources"].get("GPU") == 2, alive[worker.name]
-            assert alive[worker.name]["labels"].get("rackserve/logical-gpus") == "2"
-        assert "GPU" not in alive[head.name]["resources"]
-        done = site_rack.ssh(head, demo_standin.reports_command(head.ip, RAY_PORT), check=False)
-        found = demo_standin.parse_reports(done.stdout)
-        assert sorted(e["status"]["model_id"] for e in found) == ["pair", "small"], found
-        assert [e["status"]["state"] for e in found] == ["HEALTHY", "HEALTHY"], found
-        assert demo_standin.disagreements(found) == [], found
-        pair = next(e for e in found if e["status"]["model_id"] == "pair")
-        assert sorted(pair["status"]["gpus"]) == [0, 1], pair
-        again = bootstrap(site_rack, tags=steps, extravars=rehearsal)
-        assert again.result.ok, again.explain()
-        assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
-    finally:
-        # With the state directory, or deploy_models' controller would deploy the record kept
-        # there again.
-        site_rack.ssh(
-            head,
-            f"rackserve down --address {head.ip}:{RAY_PORT} --state-dir /var/lib/rackserve/state",
-            check=False,
-        )
-        back = bootstrap(site_rack, tags="ray_worker")
-    assert back.result.ok, back.explain()
-    alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
-    assert all("GPU" not in alive[w.name]["resources"] for w in workers), alive
-
-
 DEPOT = "/var/lib/rackserve/depot"
 STORE = "/var/lib/rackserve/models"
 
@@ -530,79 +483,110 @@ def _head_rackserve(rack: Rack, args: str) -> Any:
                     timeout=300)  # fmt: skip
 
 
-@pytest.mark.integration
-def test_weights_are_staged_onto_the_planned_node_and_no_other(
-    site_rack: Rack, converged: Run, tmp_path: Path
-) -> None:
-    """model_store copies two checkpoints from this machine (the control host) into the head's
-    depot; deploy_models deploys them `weights: staged`, so each is copied onto the worker the
-    plan chose, and onto no other host, before its engine starts. A second run changes nothing;
-    a damaged file is found and copied again by `rackserve stage`; a store too small fails with
-    node, model and bytes short, leaving nothing."""
-    assert converged.result.ok, converged.explain()
-    head, workers = site_rack.hosts[0], site_rack.hosts[1:]
-    sources = {
-        "tiny-s": write_checkpoint(tmp_path / "tiny-s", sums=True),
-        "org/tiny-t": write_checkpoint(tmp_path / "tiny-t"),
-    }
-    names = {m: m.replace("/", "--") for m in sources}
-    models = [{"model_id": m, "model_source": f"{DEPOT}/{names[m]}", "weights": "staged",
-               "gpu_memory_gib": 50} for m in sources]  # fmt: skip
-    variables = {
-        **_rehearsal_vars(workers, models),
-        "model_store_models": [{"name": m, "src": str(p)} for m, p in sources.items()],
-    }
-    steps = "ray_worker,models"
+def _assert_staging_repairs_and_refuses(rack: Rack, node: Any, placed: dict[str, str]) -> None:
+    """A damaged shard is found and copied again by `rackserve stage`; a store too small fails
+    with node, model and bytes short, leaving nothing."""
+    head, full = rack.hosts[0], rack.hosts[1]
+    shard = f"{STORE}/pair/model-00001-of-00002.safetensors"
+    last = f"$(($(stat -c %s {shard}) - 1))"
+    rack.ssh(node, f"printf '\\377' | dd of={shard} bs=1 seek={last} conv=notrunc")
+    check = f"cd {STORE}/pair && sha256sum --quiet -c SHA256SUMS"
+    assert rack.ssh(node, check, check=False).returncode != 0
+    staged = _head_rackserve(
+        rack, "stage --models /etc/rackserve/models.yaml --cluster /etc/rackserve/cluster.yaml"
+    )
+    assert staged.returncode == 0, staged.stdout + staged.stderr
+    assert f"pair@{node.name}: copied 1 files" in staged.stdout, staged.stdout
+    assert f"small@{placed['small']}: already staged" in staged.stdout, staged.stdout
+    rack.ssh(node, check)
+
     small = "/var/lib/rackserve/small-store"
+    rack.ssh(full, f"mkdir -p {small} && mount -t tmpfs -o size=1m tmpfs {small}")
     try:
-        run = bootstrap(site_rack, tags=steps, extravars=variables)
-        assert run.result.ok, run.explain()
-        placed = _deployed_on(site_rack)
-        for model, name in names.items():
-            assert placed[model] in {w.name for w in workers}, placed
-            assert _staged_on(site_rack, name) == [placed[model]], (model, placed)
-        node = next(h for h in workers if h.name == placed["tiny-s"])
-        checked = site_rack.ssh(node, f"cd {STORE}/tiny-s && sha256sum --quiet -c SHA256SUMS")
-        assert checked.returncode == 0
-
-        again = bootstrap(site_rack, tags=steps, extravars=variables)
-        assert again.result.ok, again.explain()
-        assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
-
-        shard = f"{STORE}/tiny-s/model-00001-of-00002.safetensors"
-        last = f"$(($(stat -c %s {shard}) - 1))"
-        site_rack.ssh(node, f"printf '\\377' | dd of={shard} bs=1 seek={last} conv=notrunc")
-        assert site_rack.ssh(node, f"cd {STORE}/tiny-s && sha256sum --quiet -c SHA256SUMS",
-                             check=False).returncode != 0  # fmt: skip
-        files = "--models /etc/rackserve/models.yaml --cluster /etc/rackserve/cluster.yaml"
-        staged = _head_rackserve(site_rack, f"stage {files}")
-        assert staged.returncode == 0, staged.stdout + staged.stderr
-        assert f"tiny-s@{node.name}: copied 1 files" in staged.stdout, staged.stdout
-        assert f"org/tiny-t@{placed['org/tiny-t']}: already staged" in staged.stdout
-        site_rack.ssh(node, f"cd {STORE}/tiny-s && sha256sum --quiet -c SHA256SUMS")
-
-        full = workers[0]
-        site_rack.ssh(full, f"mkdir -p {small} && mount -t tmpfs -o size=1m tmpfs {small}")
-        small_models = [{"model_id": "tiny-u", "model_source": f"{DEPOT}/tiny-s",
-                         "weights": "staged", "store_dir": small, "node": full.name,
-                         "gpu_memory_gib": 10}]  # fmt: skip
-        site_rack.ssh(head, "cat > /tmp/small.yaml <<'EOF'\n"
-                            f"{yaml.safe_dump({'models': small_models})}EOF")  # fmt: skip
+        models = [{"model_id": "tiny-u", "model_source": f"{DEPOT}/pair", "weights": "staged",
+                   "store_dir": small, "node": full.name, "gpu_memory_gib": 10}]  # fmt: skip
+        rack.ssh(head, f"cat > /tmp/small.yaml <<'EOF'\n{yaml.safe_dump({'models': models})}EOF")
         refused = _head_rackserve(
-            site_rack,
+            rack,
             "stage --models /tmp/small.yaml --cluster /etc/rackserve/cluster.yaml "
             "--state-dir /tmp/small",
         )
         assert refused.returncode == 1, refused.stdout + refused.stderr
+        print(f"\nstaging onto a 1 MiB store: {refused.stderr.strip()}")
         assert f"node {full.name}: model 'tiny-u': not enough space in {small}" in refused.stderr
         assert "bytes) short" in refused.stderr, refused.stderr
-        assert site_rack.ssh(full, f"ls -A {small}").stdout == ""
+        assert rack.ssh(full, f"ls -A {small}").stdout == ""
     finally:
-        site_rack.ssh(workers[0], f"umount {small}; rm -rf {small}", check=False)
-        site_rack.ssh(head, f"rackserve down --address {head.ip}:{RAY_PORT} "
-                            "--state-dir /var/lib/rackserve/state", check=False)  # fmt: skip
+        rack.ssh(full, f"umount {small}; rm -rf {small}", check=False)
+
+
+@pytest.mark.integration
+def test_logical_gpus_rehearse_a_gpu_deployment_with_staged_weights(
+    site_rack: Rack, converged: Run, tmp_path: Path
+) -> None:
+    """`ray_worker_logical_gpus` gives the workers' Ray GPUs that NVML cannot see; deploy_models
+    with the stand-in engine and a cluster file declaring them deploys there, each rank on the
+    planned node and GPUs, and a second run changes nothing. The models' weights are staged:
+    model_store copies two checkpoints from this machine (the control host) into the head's
+    depot, and the deploy copies each onto the worker the plan chose, and no other host, before
+    its engine starts; then a damaged file is repaired and a store too small refused. Then the
+    models are removed and the workers start without logical GPUs again."""
+    assert converged.result.ok, converged.explain()
+    head, workers = site_rack.hosts[0], site_rack.hosts[1:]
+    sources = {
+        "pair": write_checkpoint(tmp_path / "pair", sums=True),
+        "small": write_checkpoint(tmp_path / "small"),
+    }
+    staged = {"weights": "staged"}
+    rehearsal = {
+        **_rehearsal_vars(
+            workers,
+            [
+                {"model_id": "pair", "tensor_parallel_size": 2, "gpu_memory_gib": 50,
+                 "model_source": f"{DEPOT}/pair", **staged},
+                {"model_id": "small", "gpu_memory_gib": 10,
+                 "model_source": f"{DEPOT}/small", **staged},
+            ],
+        ),
+        "model_store_models": [{"name": m, "src": str(p)} for m, p in sources.items()],
+    }  # fmt: skip
+    steps = "ray_worker,models"
+    try:
+        run = bootstrap(site_rack, tags=steps, extravars=rehearsal)
+        assert run.result.ok, run.explain()
+        alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
+        for worker in workers:
+            assert alive[worker.name]["resources"].get("GPU") == 2, alive[worker.name]
+            assert alive[worker.name]["labels"].get("rackserve/logical-gpus") == "2"
+        assert "GPU" not in alive[head.name]["resources"]
+        done = site_rack.ssh(head, demo_standin.reports_command(head.ip, RAY_PORT), check=False)
+        found = demo_standin.parse_reports(done.stdout)
+        assert sorted(e["status"]["model_id"] for e in found) == ["small", "pair"], found
+        assert [e["status"]["state"] for e in found] == ["HEALTHY", "HEALTHY"], found
+        assert demo_standin.disagreements(found) == [], found
+        pair = next(e for e in found if e["status"]["model_id"] == "pair")
+        assert sorted(pair["status"]["gpus"]) == [0, 1], pair
+        placed = _deployed_on(site_rack)
+        for model in sources:
+            assert _staged_on(site_rack, model) == [placed[model]], (model, placed)
+        node = next(h for h in workers if h.name == placed["pair"])
+        site_rack.ssh(node, f"cd {STORE}/pair && sha256sum --quiet -c SHA256SUMS")
+        again = bootstrap(site_rack, tags=steps, extravars=rehearsal)
+        assert again.result.ok, again.explain()
+        assert again.changed() == {h.name: 0 for h in site_rack.hosts}, again.explain()
+        _assert_staging_repairs_and_refuses(site_rack, node, placed)
+    finally:
+        # With the state directory, or deploy_models' controller would deploy the record kept
+        # there again.
+        site_rack.ssh(
+            head,
+            f"rackserve down --address {head.ip}:{RAY_PORT} --state-dir /var/lib/rackserve/state",
+            check=False,
+        )
         back = bootstrap(site_rack, tags="ray_worker")
     assert back.result.ok, back.explain()
+    alive = {n["name"]: n for n in wait_for_alive_nodes(site_rack, 3) if n["alive"]}
+    assert all("GPU" not in alive[w.name]["resources"] for w in workers), alive
 
 
 def _deployed_on(rack: Rack) -> dict[str, str]:
@@ -746,7 +730,8 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
         (stay,) = (m for m in models if m not in on_victim)
         with ClientLoop(SERVE_PORT, models, pause_s=0.2, host=head.ip) as loop:
             started = time.monotonic()
-            assert_strangers_refused(site_rack)  # strangers knock while the models serve
+            knocked = _strangers(site_rack, ["no token"])  # a stranger, while the models serve
+            assert knocked == {"no token": {"gcs": "ConnectionError", "dashboard": 401}}
             assert all(not loop.counts[m].failed for m in models), _seen(loop, started)
             assert all(loop.counts[m].answered for m in models), _seen(loop, started)
             cut = time.monotonic()
