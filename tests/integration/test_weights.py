@@ -133,3 +133,20 @@ def test_a_broken_checkpoint_is_bad_input_before_any_copy(
     assert "tiny-d" in done.stderr, done.stderr
     assert "SHA256SUMS" in done.stderr, done.stderr
     assert os.listdir(store) == []
+
+
+def test_a_shared_copy_is_verified_on_each_node_and_a_damaged_one_refused(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    shared = write_checkpoint(tmp_path / "nfs" / "tiny-e", sums=True)
+    entry = {"model_id": "tiny-e", "model_source": str(shared), "weights": "shared",
+             "gpu_memory_gib": 0.5, "node": "worker"}  # fmt: skip
+    path = models_file(tmp_path / "models.yaml", [entry])
+    args = ("stage", "--models", str(path), "--state-dir", str(tmp_path / "state"))
+    done = rackserve(*args, address=ray_cluster.address)
+    assert f"tiny-e@worker: 6 files verified in {shared}" in done.stdout, done.stdout
+    flip_last_byte(shared / "model-00002-of-00002.safetensors")
+    refused = rackserve(*args, address=ray_cluster.address, check_code=ExitCode.FAILURE)
+    assert "node worker: model 'tiny-e':" in refused.stderr, refused.stderr
+    assert "model-00002-of-00002.safetensors" in refused.stderr, refused.stderr
+    assert "SHA-256" in refused.stderr or "sha256" in refused.stderr.lower(), refused.stderr
