@@ -567,12 +567,25 @@ JoinTimeoutOption = Annotated[
 ]
 
 
+StartTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--start-timeout-s",
+        min=1,
+        max=86_400,
+        help="An engine not running this long after its start is removed and started afresh "
+        "by the next pass (a placement Ray never schedules would block the controller).",
+    ),
+]
+
+
 def _reconcile_options(
     address: str,
     state_dir: Path | None,
     cluster: Path | None,
     grace_s: float,
     join_timeout_s: float,
+    start_timeout_s: float,
 ) -> Any:
     from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray
     from deployer.serving.reconcile import ReconcileOptions  # noqa: PLC0415
@@ -581,6 +594,7 @@ def _reconcile_options(
         address,
         cluster=load_cluster(cluster) if cluster else None,
         state_dir=state_dir_or_default(state_dir),
+        start_timeout_s=start_timeout_s,
     )
     return ReconcileOptions(deploy_options, grace_s=grace_s, join_timeout_s=join_timeout_s)
 
@@ -592,12 +606,15 @@ def reconcile(
     cluster: ClusterFileOption = None,
     grace_s: GraceOption = 60.0,
     join_timeout_s: JoinTimeoutOption = 300.0,
+    start_timeout_s: StartTimeoutOption = 900.0,
 ) -> None:
     """One pass: bring back what was deployed (a cold start, a lost node), then exit."""
     require("ray.serve", "reconcile")
     from deployer.serving.reconcile import reconcile_once  # noqa: PLC0415 - needs Ray
 
-    options = _reconcile_options(address, state_dir, cluster, grace_s, join_timeout_s)
+    options = _reconcile_options(
+        address, state_dir, cluster, grace_s, join_timeout_s, start_timeout_s
+    )
     decision = reconcile_once(options, plain_lines(console))
     plain_lines(console)(f"{decision.action}: {decision.reason}")
 
@@ -609,6 +626,7 @@ def controller(
     cluster: ClusterFileOption = None,
     grace_s: GraceOption = 60.0,
     join_timeout_s: JoinTimeoutOption = 300.0,
+    start_timeout_s: StartTimeoutOption = 900.0,
     interval_s: Annotated[
         float, typer.Option("--interval-s", min=1, max=3_600, help="Seconds between passes.")
     ] = 10.0,
@@ -630,7 +648,9 @@ def controller(
     from deployer.serving.exporter import serve_metrics  # noqa: PLC0415 - needs prometheus_client
     from deployer.serving.reconcile import run_controller  # noqa: PLC0415 - needs Ray
 
-    options = _reconcile_options(address, state_dir, cluster, grace_s, join_timeout_s)
+    options = _reconcile_options(
+        address, state_dir, cluster, grace_s, join_timeout_s, start_timeout_s
+    )
     seen = None
     if metrics_port:
         try:

@@ -110,13 +110,14 @@ def serving_routes(applications: Mapping[str, Any], model_ids: list[str]) -> dic
         live = [
             name
             for name in apps.get(model_id, [])
-            if name in running and _status(applications[name]) != "DELETING"
+            if name in running and app_status(applications[name]) != "DELETING"
         ]
         routes[model_id] = live[0] if live else None
     return routes
 
 
-def _status(application: Any) -> str:
+def app_status(application: Any) -> str:
+    """An application's status (of `serve.status().applications`) as its plain name."""
     value = application.status
     return str(getattr(value, "value", value))
 

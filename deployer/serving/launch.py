@@ -41,6 +41,7 @@ from deployer.serving.applications import (
     ROUTE_SETTLE_S,
     Engine,
     app_model,
+    app_status,
     current_app,
     engine_application,
     engine_apps,
@@ -111,6 +112,9 @@ class DeployOptions:
     """The certificate and key Serve's HTTP proxies serve HTTPS with; None: plain HTTP."""
     stage_only: bool = False
     """Plan as a deploy would, stage every placed model's weights, launch nothing (`stage`)."""
+    start_timeout_s: float | None = None
+    """How long a wave's engines may take to run; None: as long as they take. Those late are
+    removed and the deploy fails, so that the next one starts them afresh (the controller)."""
 
     def http_settings(self) -> dict[str, Any]:
         """What Serve applies only when it starts: the endpoint's address, port and TLS."""
@@ -226,9 +230,18 @@ class NoRoomError(RackserveError):
 
 
 def _start_engines(
-    specs: Sequence[EngineSpec], say: Say, engine: Engine, apps: Mapping[str, str]
+    specs: Sequence[EngineSpec],
+    say: Say,
+    engine: Engine,
+    apps: Mapping[str, str],
+    timeout_s: float | None = None,
 ) -> None:
-    """Start the engines wave after wave, each as `apps[model]`; a wave starts together."""
+    """Start the engines wave after wave, each as `apps[model]`; a wave starts together.
+
+    With `timeout_s`, a wave's engines not running by then are removed and LaunchError says
+    so: a placement group Ray never schedules (it happens when a node has just come back)
+    otherwise blocks the deploy for good, and a new one is scheduled afresh.
+    """
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -241,12 +254,41 @@ def _start_engines(
             for s in wave
         ]
         try:
-            serve.run_many(targets, wait_for_applications_running=True)
+            serve.run_many(targets, wait_for_applications_running=timeout_s is None)
         except Exception as exc:  # Serve reports deploy failures as RuntimeError and kin
             raise LaunchError(
                 f"Ray Serve could not start {names}: {str(exc).splitlines()[0]}. "
                 "See `rackserve status` and the replica logs in the Ray session's logs/serve/"
             ) from None
+        if timeout_s is not None:
+            _wait_running([apps[s.model_id] for s in wave], names, timeout_s)
+
+
+def _wait_running(apps: Sequence[str], names: str, timeout_s: float) -> None:
+    """Wait for the applications to run; remove those late and raise LaunchError."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = serve.status().applications
+        states = {app: app_status(statuses[app]) if app in statuses else "GONE" for app in apps}
+        failed = [app for app, state in states.items() if state in {"DEPLOY_FAILED", "GONE"}]
+        if failed:
+            raise LaunchError(
+                f"Ray Serve could not start {', '.join(failed)} ({names}): "
+                + "; ".join(statuses[a].message for a in failed if a in statuses)
+            )
+        late = [app for app, state in states.items() if state != "RUNNING"]
+        if not late:
+            return
+        if time.monotonic() > deadline:
+            for app in late:
+                serve.delete(app, _blocking=True)
+            raise LaunchError(
+                f"{', '.join(late)} ({names}) did not run within {timeout_s:.0f} s and "
+                "were removed, so that the next deploy starts them afresh"
+            )
+        time.sleep(1.0)
 
 
 def deploy(
@@ -389,7 +431,7 @@ def _deploy(
     stage_weights(change.start, models, cluster, say)  # before anything stops or starts
     start_serve(options, restart_serve, say)
     quiet_builders()
-    apps = _stop_and_start(change, applications, say, options.engine)
+    apps = _stop_and_start(change, applications, say, options.engine, options.start_timeout_s)
     specs = change.specs
     keys = str(options.api_keys) if options.api_keys else None
     front = ingress_key(specs, prefix, plan.device == "cpu", keys)
@@ -447,7 +489,11 @@ def _stops_at_the_plan(plan: Plan, options: DeployOptions) -> bool:
 
 
 def _stop_and_start(
-    change: Redeploy, applications: Mapping[str, Any], say: Say, engine: Engine
+    change: Redeploy,
+    applications: Mapping[str, Any],
+    say: Say,
+    engine: Engine,
+    timeout_s: float | None = None,
 ) -> dict[str, str]:
     """Stop what stops first, start what starts; each placed model's engine application.
 
@@ -468,7 +514,7 @@ def _stop_and_start(
         apps[spec.model_id] = model_app_name(
             spec.model_id, free_slot(applications, spec.model_id) if later else 0
         )
-    _start_engines(change.start, say, engine, apps)
+    _start_engines(change.start, say, engine, apps, timeout_s)
     return apps
 
 

@@ -887,7 +887,7 @@ def test_controller_unit_runs_rackserve_controller_after_ray_without_binding_to_
     assert systemd_words(entries["ExecStart"][0]) == [
         "/opt/rs venv/bin/rackserve", "controller", "--address", "10.20.0.10:6380",
         "--state-dir", "/var/lib/rackserve/state", "--grace-s", "90",
-        "--join-timeout-s", "300", "--interval-s", "10",
+        "--join-timeout-s", "300", "--start-timeout-s", "900", "--interval-s", "10",
         "--metrics-port", "9750", "--metrics-address", "10.20.0.10",
     ]  # fmt: skip
     off = render(

@@ -718,6 +718,7 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
         **_rehearsal_vars(workers, [{"model_id": m, "gpu_memory_gib": 50} for m in models]),
         "deploy_models_controller_grace_s": 10,
         "deploy_models_controller_interval_s": 5,
+        "deploy_models_controller_start_timeout_s": 60,
     }
     steps = "ray_worker,deploy_models"
     try:
