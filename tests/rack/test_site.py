@@ -9,8 +9,8 @@ GPU-less hosts' one-line driver skip, the firewall, Ray's token refusing strange
 run with changed=0, `--check` changing nothing, a stand-in deployment on logical GPUs with its
 weights staged from this machine (the control host) onto the planned nodes, power cuts of a
 worker, the head and the whole rack healed by the controller with no Ansible run, reset twice
-(the second changed=0) and a converge again. About 20 minutes on 2 cores; most of it is the two installs of the venv (about 4 GB per
-host) and the power cuts.
+(the second changed=0) and a converge again. About 25 minutes on 2 cores; most of it is the two
+installs of the venv (about 4 GB per host) and the power cuts.
 """
 
 from __future__ import annotations
@@ -561,7 +561,7 @@ def test_logical_gpus_rehearse_a_gpu_deployment_with_staged_weights(
         assert "GPU" not in alive[head.name]["resources"]
         done = site_rack.ssh(head, demo_standin.reports_command(head.ip, RAY_PORT), check=False)
         found = demo_standin.parse_reports(done.stdout)
-        assert sorted(e["status"]["model_id"] for e in found) == ["small", "pair"], found
+        assert sorted(e["status"]["model_id"] for e in found) == ["pair", "small"], found
         assert [e["status"]["state"] for e in found] == ["HEALTHY", "HEALTHY"], found
         assert demo_standin.disagreements(found) == [], found
         pair = next(e for e in found if e["status"]["model_id"] == "pair")
