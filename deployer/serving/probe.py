@@ -155,7 +155,8 @@ def _probe_this_node(name: str) -> tuple[str, Node]:
     return ray.get_runtime_context().get_node_id(), read_node(name)
 
 
-def _task_error(exc: Exception) -> str:
+def task_error(exc: BaseException) -> str:
+    """One line of what a Ray task raised: its own exception when Ray kept it."""
     import ray
 
     if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
@@ -233,7 +234,7 @@ def probe_cluster(address: str = "auto", timeout_s: float = 120.0) -> Cluster:
             try:
                 ran_on, reading = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                raise ProbeError(f"probing node {name} ({ip}) failed: {_task_error(exc)}") from None
+                raise ProbeError(f"probing node {name} ({ip}) failed: {task_error(exc)}") from None
             if ran_on != node_id:
                 raise ProbeError(f"the probe of node {name} ran on Ray node {ran_on} instead")
             probed.append(

@@ -21,6 +21,7 @@ from deployer.config.cluster import Cluster
 from deployer.config.models_config import ModelConfig, ModelManager
 from deployer.errors import ExitCode
 from deployer.planning.serve_config import EngineSpec, node_selector
+from deployer.serving.probe import task_error
 from deployer.staging import (
     FileEntry,
     Manifest,
@@ -98,10 +99,10 @@ def _failure(exc: BaseException) -> tuple[str, bool]:
     """(message, whether it is the input's fault) of a staging task's failure."""
     import ray
 
-    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else None
     if isinstance(cause, StagingError):
         return str(cause), cause.exit_code == ExitCode.BAD_INPUT
-    return f"{type(cause).__name__}: {cause}".splitlines()[0], False
+    return task_error(exc), False
 
 
 def stage_weights(
