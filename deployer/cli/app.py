@@ -422,10 +422,11 @@ def stage(
     """Copy the weights of `weights: staged` models onto the nodes the next deploy places them.
 
     Plans as `deploy` would (running models stay where they are), then, on each placed node,
-    copies the local checkpoint directory `model_source` into `store_dir` and verifies it
-    (space checked first; a second run copies nothing); `weights: shared` copies are verified
-    in place. Launches nothing. `deploy` stages by itself before engines start; this does it
-    ahead, e.g. before a maintenance window.
+    copies `model_source` (a local checkpoint directory, or a repo on the hub mirror at
+    HF_ENDPOINT, which each node downloads) into `store_dir` and verifies it (space checked
+    first; a second run copies nothing); `weights: shared` copies are verified in place.
+    Launches nothing. `deploy` stages by itself before engines start; this does it ahead, e.g.
+    before a maintenance window.
     """
     require("ray.serve", "stage")
     from deployer.serving.launch import DeployOptions  # noqa: PLC0415 - needs Ray

@@ -138,11 +138,17 @@ class ModelConfig(BaseModel):
         default="engine",
         description=(
             "How the weights reach the nodes: engine (the engine loads model_source: a hub id, or "
-            "a path every node has), staged (rackserve copies the local directory model_source "
-            "into store_dir on each node the model is placed on, before its engine starts), "
+            "a path every node has), staged (rackserve copies model_source, a local directory "
+            "or a repo on the hub at HF_ENDPOINT, into store_dir on each node the model is "
+            "placed on, before its engine starts), "
             "shared (model_source is on a filesystem every node mounts: checked on each placed "
             "node). staged and shared engines run with the hub offline."
         ),
+    )
+    revision: Name | None = Field(
+        default=None,
+        description="The hub revision (branch, tag or commit) staged from the hub at HF_ENDPOINT "
+        "(weights: staged, model_source a repo id); default main.",
     )
     store_dir: Path_ = Field(
         default=MODEL_STORE_DIR,
@@ -188,10 +194,9 @@ class ModelConfig(BaseModel):
     def _weights_have_a_place(self) -> ModelConfig:
         if not self.store_dir.startswith("/"):
             raise ValueError(f"store_dir must be an absolute path, not {shown(self.store_dir)}")
-        if self.weights != "engine" and self.model_source is None:
+        if self.weights == "shared" and self.model_source is None:
             raise ValueError(
-                f"weights: {self.weights} needs model_source, the checkpoint directory "
-                + ("to copy from" if self.weights == "staged" else "every node mounts")
+                "weights: shared needs model_source, the checkpoint directory every node mounts"
             )
         if self.weights == "shared" and not self.source.startswith("/"):
             raise ValueError(
@@ -199,7 +204,17 @@ class ModelConfig(BaseModel):
             )
         if self.weights == "staged":
             model_dir_name(self.model_id)  # the store can name it
+        elif self.revision is not None:
+            raise ValueError(
+                "revision is the hub revision rackserve stages (weights: staged); an engine that "
+                "downloads its own weights takes engine_kwargs: {revision: ...}"
+            )
         return self
+
+    @property
+    def stages_from_hub(self) -> bool:
+        """Staged from a hub repo (model_source not a path): each node downloads its copy."""
+        return self.weights == "staged" and not self.source.startswith(("/", "~"))
 
     @property
     def source(self) -> str:

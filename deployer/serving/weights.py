@@ -4,9 +4,11 @@ For each engine about to start of a model with `weights: staged`, a Ray task on 
 node puts the checkpoint into that node's store (`deployer.staging.stage`: space checked first,
 verified, renamed into place, a second run copies nothing). The bytes come in chunks through
 Ray's object store from a reader actor on the node this process runs on (the head), where the
-local directory `model_source` is. For `weights: shared`, a task on each node verifies the
-shared copy in place. Every task runs before any engine stops or starts, so a failure changes
-nothing; every failure is reported at once, naming node, model and what is wrong.
+local directory `model_source` is; a `model_source` that is a hub repo id is downloaded by each
+node straight from the hub at this process's `HF_ENDPOINT` (an internal mirror), pinned to one
+commit. For `weights: shared`, a task on each node verifies the shared copy in place. Every
+task runs before any engine stops or starts, so a failure changes nothing; every failure is
+reported at once, naming node, model and what is wrong.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from deployer.staging import (
     read_manifest,
     stage,
 )
+from deployer.staging.hub import HubCheckpoint, from_hub, hub_checkpoint
 
 Say = Callable[[str], None]
 
@@ -90,6 +93,12 @@ def _stage_here(reader: Any, manifest: Manifest, store_dir: str, node: str) -> A
     return _ran_on(), stage(manifest, _pulled(reader, manifest.model), Path(store_dir), node=node)
 
 
+def _stage_from_hub(checkpoint: HubCheckpoint, store_dir: str, node: str) -> Any:
+    """On the engine's node: download the checkpoint from the hub into its store."""
+    fetch = from_hub(checkpoint)
+    return _ran_on(), stage(checkpoint.manifest, fetch, Path(store_dir), node=node)
+
+
 def _check_here(directory: str, model: str, node: str) -> Any:
     """On the engine's node: verify a shared checkpoint. Returns (Ray node id, result)."""
     return _ran_on(), check_in_place(Path(directory), model, node=node)
@@ -124,12 +133,15 @@ def stage_weights(
     wanted = [(s, m) for s, m in wanted if m.weights != "engine"]
     if not wanted:
         return []
-    staged = {m.model_id: m.source for _, m in wanted if m.weights == "staged"}
+    staged = {
+        m.model_id: m.source for _, m in wanted if m.weights == "staged" and not m.stages_from_hub
+    }
+    checkpoints = _hub_checkpoints([m for _, m in wanted if m.stages_from_hub])
     reader = _reader(staged) if staged else None
     try:
         manifests = _manifests(reader, staged, timeout_s)
         started = time.monotonic()
-        pending = _start(wanted, manifests, reader, cluster)
+        pending = _start(wanted, manifests, checkpoints, reader, cluster)
         say(f"staging weights: {', '.join(f'{s.model_id}@{s.node}' for s, _ in pending.values())}")
         results = _collect(pending, cluster, say, timeout_s)
     finally:
@@ -169,9 +181,48 @@ def _manifests(reader: Any, staged: dict[str, str], timeout_s: float) -> dict[st
     return manifests
 
 
+def _hub_checkpoints(models: Sequence[ModelConfig]) -> dict[str, HubCheckpoint]:
+    """Each hub-staged model's commit and files, from the hub at HF_ENDPOINT; all problems at once.
+
+    Asked here, once per model, so that every node downloads the same commit.
+    """
+    if not models:
+        return {}
+    from huggingface_hub import constants  # noqa: PLC0415 - only when a model needs the hub
+
+    names = ", ".join(repr(m.model_id) for m in models)
+    if constants.HF_HUB_OFFLINE:
+        raise StagingInputError(
+            f"HF_HUB_OFFLINE is set, but {names} {'is' if len(models) == 1 else 'are'} staged "
+            "from the hub (model_source is not a local directory); unset it and point "
+            "HF_ENDPOINT at the mirror, or stage from a local directory. Nothing was started or "
+            "stopped"
+        )
+    checkpoints: dict[str, HubCheckpoint] = {}
+    problems: list[str] = []
+    bad_input = False
+    for model in models:
+        try:
+            checkpoints[model.model_id] = hub_checkpoint(
+                model.model_id, model.source, model.revision, constants.ENDPOINT
+            )
+        except StagingError as exc:
+            bad_input = bad_input or isinstance(exc, StagingInputError)
+            problems.append(f"model {model.model_id!r}: {exc}")
+    if problems:
+        error = StagingInputError if bad_input else StagingError
+        raise error(
+            "cannot list the checkpoints to stage from the hub (a model_source that is not a "
+            "local directory is read as a hub repo id); nothing was started or stopped:\n  "
+            + "\n  ".join(problems)
+        )
+    return checkpoints
+
+
 def _start(
     wanted: Sequence[tuple[EngineSpec, ModelConfig]],
     manifests: dict[str, Manifest],
+    checkpoints: dict[str, HubCheckpoint],
     reader: Any,
     cluster: Cluster,
 ) -> dict[Any, tuple[EngineSpec, str]]:
@@ -180,6 +231,7 @@ def _start(
 
     nodes = {node.name: node for node in cluster.nodes}
     task_stage = ray.remote(_stage_here)
+    task_hub = ray.remote(_stage_from_hub)
     task_check = ray.remote(_check_here)
     pending: dict[Any, tuple[EngineSpec, str]] = {}
     for spec, model in wanted:
@@ -189,13 +241,19 @@ def _start(
             "label_selector": node_selector(nodes[spec.node]),
             "name": f"rackserve-stage:{model.model_id}@{spec.node}",
         }
-        if model.weights == "staged":
+        if model.stages_from_hub:
+            checkpoint = checkpoints[model.model_id]
+            ref = task_hub.options(**options).remote(checkpoint, model.store_dir, spec.node)
+            origin = f"from {checkpoint.endpoint} {checkpoint.repo}@{checkpoint.commit[:12]}"
+        elif model.weights == "staged":
+            origin = ""
             ref = task_stage.options(**options).remote(
                 reader, manifests[model.model_id], model.store_dir, spec.node
             )
         else:
+            origin = "shared"
             ref = task_check.options(**options).remote(model.source, model.model_id, spec.node)
-        pending[ref] = (spec, model.weights)
+        pending[ref] = (spec, origin)
     return pending
 
 
@@ -216,7 +274,7 @@ def _collect(
     results: list[StageResult] = []
     bad_input = False
     for ref in ready:
-        spec, weights = pending[ref]
+        spec, origin = pending[ref]
         try:
             ran_on, result = ray.get(ref)
         except Exception as exc:
@@ -230,7 +288,7 @@ def _collect(
                             f"node {ran_on} instead")  # fmt: skip
             continue
         results.append(result)
-        say(_done(result, weights))
+        say(_done(result, origin))
     if problems:
         error = StagingInputError if bad_input else StagingError
         raise error(
@@ -240,13 +298,15 @@ def _collect(
     return results
 
 
-def _done(result: StageResult, weights: str) -> str:
+def _done(result: StageResult, origin: str) -> str:
+    """One line per engine: `origin` is "shared", "from HUB REPO@COMMIT" or "" (a local copy)."""
     where = f"  {result.model}@{result.node}"
-    if weights == "shared":
+    if origin == "shared":
         return f"{where}: {result.kept_files} files verified in {result.path}"
+    source = f" {origin}" if origin else ""
     if result.copied_files == 0:
-        return f"{where}: already staged ({result.kept_files} files verified)"
+        return f"{where}: already staged{source} ({result.kept_files} files verified)"
     return (
-        f"{where}: copied {result.copied_files} files "
+        f"{where}: copied {result.copied_files} files{source} "
         f"({amount(result.copied_bytes)}), kept {result.kept_files}, in {result.path}"
     )

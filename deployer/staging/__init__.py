@@ -4,7 +4,8 @@ The node-side library: `read_manifest` lists a checkpoint (with SHA256SUMS diges
 them), `verify_file`/`verify_model` check files against it (size, safetensors header, SHA-256),
 and `stage_from_directory` copies a model into `<store>/<model_dir_name(model)>` atomically,
 repairing only what is missing or damaged; `check_in_place` verifies a shared-filesystem copy.
-Standard library only: no Ray, no hub; callers run it on each node.
+`hub.py` lists a checkpoint on a hub mirror and downloads it (through `huggingface_hub`);
+the rest is the standard library only. No Ray: callers run it on each node.
 """
 
 from deployer.staging.manifest import (

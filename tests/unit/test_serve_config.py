@@ -171,8 +171,11 @@ models:
   - {model_id: t, model_source: /nfs/t, weights: shared, gpu_memory_gib: 10}
   - {model_id: u, model_source: /srv/u, weights: staged, store_dir: /nvme/m/, gpu_memory_gib: 10}
   - {model_id: hub, model_source: org/hub, gpu_memory_gib: 10}
+  - {model_id: org/m, weights: staged, revision: v1.0, gpu_memory_gib: 10}
 """
     )
+    from_hub = {m.model_id: m.stages_from_hub for m in models}
+    assert from_hub == {"org/s": False, "t": False, "u": False, "hub": False, "org/m": True}
     cluster = Cluster(nodes=[h100_node("gpu-a", 4)])
     configs = {
         s.model_id: s.llm_config for s in engine_specs(plan_for(models, cluster), models, cluster)
@@ -183,15 +186,16 @@ models:
         "t": "/nfs/t",
         "u": "/nvme/m/u",
         "hub": "org/hub",
+        "org/m": "/var/lib/rackserve/models/org--m",
     }
     offline = {m: c["runtime_env"]["env_vars"].get("HF_HUB_OFFLINE") for m, c in configs.items()}
-    assert offline == {"org/s": "1", "t": "1", "u": "1", "hub": None}
+    assert offline == {"org/s": "1", "t": "1", "u": "1", "hub": None, "org/m": "1"}
 
 
 @pytest.mark.parametrize(
     ("model", "problem"),
     [
-        ("{model_id: a, weights: staged}", "weights: staged needs model_source"),
+        ("{model_id: a, model_source: /x, revision: v1}", "revision is the hub revision"),
         ("{model_id: a, weights: shared}", "weights: shared needs model_source"),
         ("{model_id: a, model_source: rel/dir, weights: shared}", "needs an absolute model_source"),
         (

@@ -29,6 +29,7 @@ from deployer.staging import (
     verify_file,
     verify_model,
 )
+from deployer.staging.hub import served_files
 from deployer.staging.store import _stage_new, copy_from
 from deployer.staging.verify import safetensors_problem
 from tests.checkpoints import SHARDS, flip_last_byte, write_checkpoint, write_sums
@@ -584,3 +585,37 @@ def test_a_file_where_the_model_directory_should_be_is_refused(tmp_path: Path) -
     with pytest.raises(StagingError, match="is a link or not a directory"):
         stage_from_directory(source, tmp_path / "store", MODEL, node=NODE)
     assert (tmp_path / "store" / "org--tiny").read_text() == "in the way"
+
+
+@pytest.mark.parametrize(
+    ("repo", "staged"),
+    [
+        pytest.param(
+            ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json",
+             ".gitattributes", "README.md", "original/consolidated.00.pth", "onnx/model.onnx"],
+            ["README.md", "config.json", "model.safetensors", "tokenizer.json"],
+            id="safetensors-win-over-bin-and-the-rest",
+        ),
+        pytest.param(
+            ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+             "pytorch_model.bin.index.json", "flax_model.msgpack", "tf_model.h5"],
+            ["config.json", "pytorch_model-00001-of-00002.bin",
+             "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"],
+            id="bin-when-no-safetensors",
+        ),
+        pytest.param(
+            ["config.json", "model.pt", "quant/extra.safetensors", "tokenizer/vocab.txt"],
+            ["config.json", "model.pt", "tokenizer/vocab.txt"],
+            id="pt-and-nested-weights-left",
+        ),
+        pytest.param(
+            ["config.json", ".cache/x", "sub/.hidden", "model.safetensors.index.json"],
+            ["config.json", "model.safetensors.index.json"],
+            id="hidden-left",
+        ),
+    ],
+)  # fmt: skip
+def test_a_hub_repo_is_staged_with_the_files_vllms_loader_reads(
+    repo: list[str], staged: list[str]
+) -> None:
+    assert served_files(repo) == staged
