@@ -98,8 +98,9 @@ def bench_placement(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, venv_backend="virtualenv", default=False)
 def bench_serving(session: nox.Session) -> None:
-    """Deploy time and throughput against hand-written Ray Serve LLM and plain vLLM."""
+    """Latency, tokens/s and CPU per process against hand-written Ray Serve LLM and plain vLLM."""
     install_serve_stack(session)
+    session.install("py-spy")  # --profile: where the Serve processes' CPU goes
     session.run("python", "benchmarks/serving.py", *session.posargs, env=REPO_ON_PATH)
 
 

@@ -1,42 +1,69 @@
-"""Serving benchmark: rackserve against hand-written Ray Serve LLM and plain `vllm serve`.
+"""Serving overhead: rackserve's endpoint against a hand-written Ray Serve LLM app and `vllm serve`.
 
-On this machine, in one run, with the quickstart's two tiny models (vLLM's CPU build):
+On this machine, in one run, for two random-weight Llama models built locally (`tiny`: hidden
+128, 2 layers; `small`: hidden 1024, 12 layers, about 150 M parameters), each served three ways
+with the same engine settings (threads, batch size, KV cache, eager mode):
 
-(a) time to serve: from starting `rackserve deploy` until both models answer a chat
-    completion, against a minimal hand-written Ray Serve LLM script (`build_openai_app`, the
-    same two models, the same pins) on the same local two-node Ray cluster;
-(b) completion throughput: tokens/s with 8 concurrent requests through the rackserve
-    application, against plain `vllm serve` of the same model with the same engine settings.
+- `rackserve`: `rackserve deploy` on a fresh local two-node Ray cluster (rackserve's ingress,
+  one engine application);
+- `hand`: a hand-written `build_openai_app` script on a fresh cluster (Serve LLM's own ingress);
+- `vllm`: plain `vllm serve`, after Ray is stopped.
 
-Run with `nox -s bench`; the figures go in the README.
+Measured for each: (1) latency at concurrency 1 of a 1-token and a 128-token completion,
+streamed and not (median and p99); (2) completion tokens/s at concurrency 1, 8 and 32, the median
+of `--rounds` rounds with their spread; (3) the CPU seconds each process group used while the
+concurrency-8 rounds ran (from /proc); with `--profile`, (4) where the Ray Serve processes spend
+their CPU, sampled by py-spy. The client keeps its HTTP connections alive, as an OpenAI SDK does
+(`--no-keep-alive` opens one per request). Run with `nox -s bench_serving`; the figures go in
+the README.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tools.local_ray import HEAD_IP, start_ray_cluster, temp_root
-from tools.quickstart import (
-    DEFAULT_CACHE,
-    ENGINE,
-    build_models,
-    deploy_args,
-    http_json,
-    models_config,
-)
+from tools.quickstart import DEFAULT_CACHE, deploy_args
+
+PORT = 8000
+MAX_NUM_SEQS = 32
+KV_CACHE_BYTES = 256 * 1024**2
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},  # tools.tiny_models.TINY_LLAMA: about 0.8 M parameters
+    "small": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+    },
+}
+ENGINE_KWARGS: dict[str, Any] = {
+    "max_model_len": 512,
+    "max_num_seqs": MAX_NUM_SEQS,
+    "dtype": "bfloat16",
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": KV_CACHE_BYTES,
+}
+ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+"""Every engine's threads: one OpenMP thread (what Ray gives an engine holding one CPU)."""
 
 HAND_WRITTEN = """
 import json, sys
@@ -44,42 +71,22 @@ from ray import serve
 from ray.serve.llm import LLMConfig, build_openai_app
 import ray
 
-address, port, name, engines = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+address, port, model_id, source, kwargs, env = sys.argv[1:7]
 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.2", "port": port})
-configs = [
-    LLMConfig(
-        model_loading_config={"model_id": e["model_id"], "model_source": e["source"]},
-        accelerator_config={"kind": "cpu"},
-        placement_group_config={"bundles": [{"CPU": 1}], "strategy": "STRICT_PACK"},
-        deployment_config={
-            "placement_group_bundle_label_selector": [{"rackserve/node": e["node"]}],
-            "ray_actor_options": {"num_cpus": 0},
-        },
-        runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
-        log_engine_metrics=e.get("metrics", True),
-        engine_kwargs={
-            "max_model_len": 512, "max_num_seqs": 8, "dtype": "bfloat16",
-            "enforce_eager": True, "kv_cache_memory_bytes": 64 * 1024**2,
-            **({} if e.get("metrics", True) else {"disable_log_stats": True}),
-        },
-    )
-    for e in engines
-]
-app = build_openai_app({"llm_configs": configs,
+serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.2", "port": int(port)})
+config = LLMConfig(
+    model_loading_config={"model_id": model_id, "model_source": source},
+    accelerator_config={"kind": "cpu"},
+    placement_group_config={"bundles": [{"CPU": 1}], "strategy": "STRICT_PACK"},
+    deployment_config={"placement_group_bundle_label_selector": [{"rackserve/node": "head"}],
+                       "ray_actor_options": {"num_cpus": 0}},
+    runtime_env={"env_vars": json.loads(env)},
+    engine_kwargs=json.loads(kwargs),
+)
+app = build_openai_app({"llm_configs": [config],
                         "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
-serve.run(app, name=name, route_prefix="/")
+serve.run(app, name="hand", route_prefix="/")
 """
-
-
-def hand_written_app(address: str, port: int, name: str, engines: list[dict[str, Any]]) -> None:
-    """Deploy `engines` (model_id, source, node, and metrics: False to turn the engine metrics
-    and vLLM's stat logging off) as a hand-written Ray Serve LLM application named `name`."""
-    run(
-        [sys.executable, "-c", HAND_WRITTEN, address, str(port), name, json.dumps(engines)],
-        capture_output=True,
-    )
-
 
 # `vllm serve MODEL ...`. The `vllm` command looks up its version under the distribution name
 # "vllm", which the CPU build registers as "vllm-cpu": answer for it (with the "+cpu" local
@@ -94,91 +101,403 @@ main()
 """
 
 
+# -- the client ------------------------------------------------------------------------------
+
+
+class Client:
+    """OpenAI completions over HTTP/1.1, one kept-alive connection per thread (or none)."""
+
+    def __init__(self, model: str, keep_alive: bool = True) -> None:
+        self.model = model
+        self.keep_alive = keep_alive
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None or not self.keep_alive:
+            connection = http.client.HTTPConnection(HEAD_IP, PORT, timeout=300)
+            self._local.connection = connection
+        return connection
+
+    def complete(self, tokens: int, stream: bool = False) -> int:
+        """One completion of exactly `tokens` tokens; returns the tokens the server counted."""
+        body = {"model": self.model, "prompt": "def main(", "max_tokens": tokens,
+                "ignore_eos": True, "temperature": 0.0, "stream": stream}  # fmt: skip
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        headers = {"Content-Type": "application/json"}
+        if not self.keep_alive:
+            headers["Connection"] = "close"
+        for attempt in (1, 2):  # a kept-alive connection the server closed: reconnect once
+            connection = self._connection()
+            try:
+                connection.request("POST", "/v1/completions", json.dumps(body), headers)
+                response = connection.getresponse()
+                data = response.read()
+                break
+            except (http.client.HTTPException, ConnectionError):
+                connection.close()
+                self._local.connection = None
+                if attempt == 2:
+                    raise
+        if not self.keep_alive:
+            connection.close()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
+        if not stream:
+            return int(json.loads(data)["usage"]["completion_tokens"])
+        usage = 0
+        for line in data.decode().splitlines():
+            if line.startswith("data: {"):
+                event = json.loads(line.removeprefix("data: "))
+                if event.get("usage"):
+                    usage = int(event["usage"]["completion_tokens"])
+        return usage
+
+
 def wait_answering(
-    base_url: str,
-    model_ids: list[str],
-    timeout_s: float = 600.0,
-    server: subprocess.Popen[bytes] | None = None,
+    client: Client, timeout_s: float, server: subprocess.Popen[bytes] | None
 ) -> None:
-    """Until every model answers a one-token chat completion (or the server process dies)."""
     deadline = time.monotonic() + timeout_s
-    pending = list(model_ids)
-    while pending:
+    while True:
         if server is not None and server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode}; see its log")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{pending} did not answer within {timeout_s:.0f} s")
         try:
-            http_json(
-                f"{base_url}/v1/chat/completions",
-                {
-                    "model": pending[0],
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 1,
-                },
-                timeout=30,
-            )
-            pending.pop(0)
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            client.complete(1)
+            return
+        except (OSError, RuntimeError, http.client.HTTPException, json.JSONDecodeError):
+            if time.monotonic() > deadline:
+                raise
             time.sleep(0.5)
 
 
-def throughput(
-    base_url: str, model_id: str, concurrency: int, requests: int, tokens: int, rounds: int = 3
-) -> float:
-    """Completion tokens per second with `concurrency` requests in flight (median of rounds)."""
+# -- what is measured ------------------------------------------------------------------------
 
-    def one(_: int) -> int:
-        answer = http_json(
-            f"{base_url}/v1/completions",
-            {
-                "model": model_id,
-                "prompt": "def main(",
-                "max_tokens": tokens,
-                "ignore_eos": True,
-                "temperature": 0.0,
-            },
-        )
-        return int(answer["usage"]["completion_tokens"])
 
-    one(0)  # warm up
-    rates = []
+@dataclass
+class Figures:
+    """One server's measurements for one model."""
+
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    tok_s: dict[int, list[float]] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    tokens_in_cpu_window: int = 0
+    deploy_s: float = 0.0
+    threads: str = ""
+    profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+
+LATENCY_CASES = {"1 token": (1, False), "1 token, streamed": (1, True),
+                 "128 tokens": (128, False), "128 tokens, streamed": (128, True)}  # fmt: skip
+
+
+def latencies(client: Client, repeats: dict[int, int]) -> dict[str, list[float]]:
+    """Milliseconds per request at concurrency 1, for each LATENCY_CASES entry."""
+    found: dict[str, list[float]] = {}
+    for case, (tokens, stream) in LATENCY_CASES.items():
+        client.complete(tokens, stream)  # warm
+        times = []
+        for _ in range(repeats[tokens]):
+            start = time.perf_counter()
+            client.complete(tokens, stream)
+            times.append((time.perf_counter() - start) * 1000)
+        found[case] = times
+    return found
+
+
+def tokens_per_s(client: Client, concurrency: int, requests: int, tokens: int) -> float:
     with ThreadPoolExecutor(concurrency) as pool:
-        for _ in range(rounds):
-            start = time.monotonic()
-            produced = sum(pool.map(one, range(requests)))
-            rates.append(produced / (time.monotonic() - start))
-    return statistics.median(rates)
+        start = time.perf_counter()
+        produced = sum(pool.map(lambda _: client.complete(tokens), range(requests)))
+        return produced / (time.perf_counter() - start)
 
 
-def plain_vllm_throughput(args: argparse.Namespace, model: Path, env: dict[str, str]) -> float:
-    """Throughput of `vllm serve MODEL` with the quickstart's engine settings, plus `env`."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", **env)
-    url = f"http://{HEAD_IP}:8002"
-    with (args.cache / "vllm-serve.log").open("w") as log:
-        server = subprocess.Popen(
+# -- CPU per process group, from /proc -------------------------------------------------------
+
+GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("engine core (vLLM)", ("EngineCore",)),
+    ("engine worker (vLLM, mp executor)", ("VLLM::Worker",)),
+    (
+        "engine replica (Serve LLM server)",
+        ("ServeReplica:rackserve-model", "LLMServer", "ServeReplica:hand:LLM"),
+    ),
+    ("ingress replica", ("Ingress", "ServeReplica:rackserve")),
+    ("HTTP proxy", ("ProxyActor",)),
+    ("Serve controller", ("ServeController",)),
+    ("vllm serve API server", ("vllm serve", "VLLM_SERVE", "vllm.entrypoints")),
+    ("raylet", ("raylet/raylet",)),
+    ("GCS", ("gcs_server",)),
+    ("Ray agents (dashboard agent, runtime env, logs)", ("ray/dashboard", "ray/_private")),
+    ("other Ray workers", ("ray::",)),
+]
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _label(cmdline: str) -> str | None:
+    for label, needles in GROUPS:
+        if any(needle in cmdline for needle in needles):
+            return label
+    return None
+
+
+def cpu_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (group, user+system ticks) of every process in a GROUP."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        label = _label(cmdline)
+        if label is not None:
+            found[int(entry.name)] = (label, int(fields[11]) + int(fields[12]))
+    return found
+
+
+def cpu_between(
+    before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]
+) -> dict[str, float]:
+    used: dict[str, float] = defaultdict(float)
+    for pid, (label, ticks) in after.items():
+        used[label] += (ticks - before.get(pid, (label, 0))[1]) / TICKS
+    return dict(used)
+
+
+def engine_threads() -> str:
+    """OMP_NUM_THREADS and the thread count of each running vLLM engine core, as it runs."""
+    found = []
+    for pid, (label, _) in cpu_ticks().items():
+        if label != "engine core (vLLM)":
+            continue
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            omp = next((e.decode().split("=", 1)[1] for e in environ
+                        if e.startswith(b"OMP_NUM_THREADS=")), "unset")  # fmt: skip
+            status = Path(f"/proc/{pid}/status").read_text()
+            threads = next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("Threads:"))  # fmt: skip
+            found.append(f"OMP_NUM_THREADS={omp}, {threads} threads")
+    return "; ".join(found) or "no engine core found"
+
+
+def serve_pids() -> dict[str, int]:
+    """The Ray Serve processes py-spy samples: proxy, ingress and engine replica."""
+    pids = {}
+    for pid, (label, _) in cpu_ticks().items():
+        if label in {"HTTP proxy", "ingress replica", "engine replica (Serve LLM server)",
+                     "vllm serve API server"}:  # fmt: skip
+            pids.setdefault(label, pid)
+    return pids
+
+
+def profile(client: Client, args: argparse.Namespace) -> dict[str, list[tuple[str, float]]]:
+    """py-spy samples of each Serve process for `--profile-s` of concurrency-8 load:
+    the functions holding most samples (their own time), as shares of the samples taken."""
+    pids = serve_pids()
+    out = Path(tempfile.mkdtemp(prefix="rs-pyspy-"))
+    spies = {
+        label: subprocess.Popen(
             [
-                sys.executable, "-c", VLLM_SERVE, str(model),
-                "--served-model-name", "tiny-a",
-                "--host", HEAD_IP, "--port", "8002",
-                "--dtype", "bfloat16",
-                "--max-model-len", str(ENGINE["max_model_len"]),
-                "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-                "--enforce-eager",
+                "py-spy",
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(args.profile_s),
+                "--rate",
+                "100",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(out / f"{pid}.txt"),
             ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for label, pid in pids.items()
+    }
+    deadline = time.monotonic() + args.profile_s
+    while time.monotonic() < deadline:
+        tokens_per_s(client, 8, 16, 32)
+    found = {}
+    for label, spy in spies.items():
+        spy.wait(60)
+        raw = out / f"{pids[label]}.txt"
+        leaves: Counter[str] = Counter()
+        if raw.exists():
+            for line in raw.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                leaves[_frame(stack.split(";")[-1])] += int(count)
+        total = sum(leaves.values()) or 1
+        found[label] = [(frame, n / total) for frame, n in leaves.most_common(6)]
+    return found
+
+
+def _frame(frame: str) -> str:
+    """`function (path/to/file.py:line)` as `function (package/file.py)`."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if parts else path
+    return f"{name} ({short})"
+
+
+def measure(client: Client, args: argparse.Namespace, figures: Figures) -> None:
+    repeats = {1: args.short_repeats, 128: args.long_repeats}
+    figures.threads = engine_threads()
+    figures.latency_ms = latencies(client, repeats)
+    for concurrency in args.concurrency:
+        requests = max(args.requests, concurrency * 2)
+        tokens_per_s(client, concurrency, concurrency, args.tokens)  # warm the batch size
+        rounds = []
+        for _ in range(args.rounds):
+            if concurrency == 8:
+                before = cpu_ticks()
+            rounds.append(tokens_per_s(client, concurrency, requests, args.tokens))
+            if concurrency == 8:
+                for label, used in cpu_between(before, cpu_ticks()).items():
+                    figures.cpu_s[label] = figures.cpu_s.get(label, 0.0) + used
+                figures.tokens_in_cpu_window += requests * args.tokens
+        figures.tok_s[concurrency] = rounds
+    if args.profile:
+        figures.profile = profile(client, args)
+
+
+# -- the three servers -----------------------------------------------------------------------
+
+
+def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, text=True, stdin=subprocess.DEVNULL, **kwargs)
+
+
+@contextlib.contextmanager
+def rackserve_server(model: str, source: Path, cache: Path) -> Iterator[float]:
+    models = {"models": [{"model_id": model, "model_source": str(source), "node": "head",
+                          "max_model_len": ENGINE_KWARGS["max_model_len"],
+                          "max_num_seqs": MAX_NUM_SEQS, "dtype": "bfloat16",
+                          "overhead_gib": 1.0, "engine_kwargs": {
+                              "enforce_eager": True,
+                              "kv_cache_memory_bytes": KV_CACHE_BYTES}}]}  # fmt: skip
+    path = cache / "bench-models.json"
+    path.write_text(json.dumps(models))
+    env = {**os.environ, **ENGINE_ENV}
+    with temp_root("rs-bench-") as base, start_ray_cluster(base, head_only=True) as cluster:
+        start = time.monotonic()
+        run([sys.executable, "-m", "deployer", *deploy_args(path, cluster.address, PORT)],
+            capture_output=True, env=env)  # fmt: skip
+        wait_answering(Client(model), 600, None)
+        yield time.monotonic() - start
+
+
+@contextlib.contextmanager
+def hand_server(model: str, source: Path, cache: Path) -> Iterator[float]:
+    del cache
+    with temp_root("rs-bench-") as base, start_ray_cluster(base, head_only=True) as cluster:
+        start = time.monotonic()
+        run([sys.executable, "-c", HAND_WRITTEN, cluster.address, str(PORT), model, str(source),
+             json.dumps(ENGINE_KWARGS), json.dumps(ENGINE_ENV)], capture_output=True)  # fmt: skip
+        wait_answering(Client(model), 600, None)
+        yield time.monotonic() - start
+
+
+@contextlib.contextmanager
+def vllm_server(model: str, source: Path, cache: Path) -> Iterator[float]:
+    env = dict(os.environ, **ENGINE_ENV)
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in ENGINE_KWARGS.items()
+             if name != "enforce_eager"]  # fmt: skip
+    with (cache / "vllm-serve.log").open("w") as log:
+        start = time.monotonic()
+        server = subprocess.Popen(
+            [sys.executable, "-c", VLLM_SERVE, str(source), "--served-model-name", model,
+             "--host", HEAD_IP, "--port", str(PORT), "--enforce-eager", *flags],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
         try:
-            wait_answering(url, ["tiny-a"], server=server)
-            return throughput(url, "tiny-a", args.concurrency, args.requests, args.tokens)
+            wait_answering(Client(model), 600, server)
+            yield time.monotonic() - start
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGTERM)
             server.wait(60)
 
 
-def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, check=True, text=True, stdin=subprocess.DEVNULL, **kwargs)
+SERVERS: dict[str, Callable[[str, Path, Path], contextlib.AbstractContextManager[float]]] = {
+    "rackserve": rackserve_server,
+    "hand": hand_server,
+    "vllm": vllm_server,
+}
+
+
+# -- the tables ------------------------------------------------------------------------------
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def report(results: dict[str, dict[str, Figures]], args: argparse.Namespace) -> None:
+    for size, by_server in results.items():
+        print(f"\n== {size} model ({args.rounds} rounds per figure; spread = (max-min)/median)")
+        counts = f"{args.short_repeats} requests of 1 token, {args.long_repeats} of 128"
+        print(f"(1) latency at concurrency 1, ms: median / p99 ({counts})")
+        print(f"    {'server':<10}" + "".join(f"{case:>24}" for case in LATENCY_CASES))
+        for server, figures in by_server.items():
+            cells = [f"{statistics.median(v):9.1f} / {_p99(v):8.1f}" for v in
+                     figures.latency_ms.values()]  # fmt: skip
+            print(f"    {server:<10}" + "".join(f"{c:>24}" for c in cells))
+        if "vllm" in by_server:
+            base = by_server["vllm"].latency_ms
+            for server, figures in by_server.items():
+                if server == "vllm":
+                    continue
+                added = [statistics.median(v) - statistics.median(base[case])
+                         for case, v in figures.latency_ms.items()]  # fmt: skip
+                print(f"    {server + ' +':<10}" + "".join(f"{a:>+21.1f} ms" for a in added))
+        print(f"(2) completion tokens/s ({args.tokens}-token completions): median (spread)")
+        print(f"    {'server':<10}" + "".join(f"{'conc ' + str(c):>18}" for c in args.concurrency))
+        for server, figures in by_server.items():
+            cells = [f"{statistics.median(v):8.0f} ({_spread(v):4.0%})" for v in
+                     figures.tok_s.values()]  # fmt: skip
+            print(f"    {server:<10}" + "".join(f"{c:>18}" for c in cells))
+        if "vllm" in by_server:
+            for server, figures in by_server.items():
+                if server == "vllm":
+                    continue
+                plain = by_server["vllm"].tok_s
+                ratios = [
+                    statistics.median(figures.tok_s[c]) / statistics.median(plain[c])
+                    for c in args.concurrency
+                ]
+                print(f"    {server + '/vllm':<10}" + "".join(f"{r:>18.2f}" for r in ratios))
+        print("(3) CPU seconds per process group during the concurrency-8 rounds, per 1,000 tokens")
+        labels = [label for label, _ in GROUPS]
+        print(f"    {'group':<36}" + "".join(f"{s:>12}" for s in by_server))
+        for label in labels:
+            cells = [f.cpu_s.get(label, 0.0) * 1000 / max(f.tokens_in_cpu_window, 1)
+                     for f in by_server.values()]  # fmt: skip
+            if any(cells):
+                print(f"    {label:<36}" + "".join(f"{c:>12.3f}" for c in cells))
+        totals = [sum(f.cpu_s.values()) * 1000 / max(f.tokens_in_cpu_window, 1)
+                  for f in by_server.values()]  # fmt: skip
+        print(f"    {'all':<36}" + "".join(f"{t:>12.3f}" for t in totals))
+        for server, figures in by_server.items():
+            print(f"    {server} engine core: {figures.threads}")
+        print("    time to answer after start: " + ", ".join(
+            f"{s} {f.deploy_s:.1f} s" for s, f in by_server.items()))  # fmt: skip
+        for server, figures in by_server.items():
+            for label, frames in figures.profile.items():
+                print(f"(4) {server}: {label}, py-spy, share of samples (own time)")
+                for frame, share in frames:
+                    print(f"      {share:5.1%}  {frame}")
 
 
 def main() -> None:
@@ -186,64 +505,34 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=16, help="per round (at least 2x conc)")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--short-repeats", type=int, default=40)
+    parser.add_argument("--long-repeats", type=int, default=10)
+    parser.add_argument("--no-keep-alive", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="py-spy the Serve processes")
+    parser.add_argument("--profile-s", type=int, default=15)
     args = parser.parse_args()
-    sources = build_models(args.cache)
-    models_file = args.cache / "bench-models.json"
-    results: dict[str, float] = {}
-    url = f"http://{HEAD_IP}:8000"
-    # Each deployment gets a fresh Ray cluster: neither finds Serve already started.
-    with temp_root("rs-bench-") as base, start_ray_cluster(base) as cluster:
-        models_file.write_text(json.dumps(models_config(sources, cluster.node_names)))
-        start = time.monotonic()
-        run(
-            [sys.executable, "-m", "deployer", *deploy_args(models_file, cluster.address, 8000)],
-            capture_output=True,
-        )
-        wait_answering(url, list(sources))
-        results["rackserve_deploy_s"] = time.monotonic() - start
-        results["rackserve_tok_s"] = throughput(
-            url, "tiny-a", args.concurrency, args.requests, args.tokens
-        )
-        print(f"measured rackserve: {results}", flush=True)
-    with temp_root("rs-bench-") as base, start_ray_cluster(base) as cluster:
-        start = time.monotonic()
-        hand_written_app(
-            cluster.address,
-            8000,
-            "hand",
-            [
-                {"model_id": "tiny-a", "source": str(sources["tiny-a"]), "node": "head"},
-                {"model_id": "tiny-b", "source": str(sources["tiny-b"]), "node": "worker"},
-            ],
-        )
-        wait_answering(url, list(sources))
-        results["hand_deploy_s"] = time.monotonic() - start
-        print(f"measured hand-written: {results['hand_deploy_s']:.1f} s", flush=True)
-    # Ray is stopped: plain vLLM gets the machine to itself, as `vllm serve` would. Under Ray
-    # the engine's actor holds one CPU and Ray sets OMP_NUM_THREADS=1 for it; plain vLLM is
-    # measured both that way and with its own default (all cores), so that the ratio compares
-    # like with like and the thread count's effect shows.
-    for label, threads in (("vllm_tok_s_1thread", {"OMP_NUM_THREADS": "1"}), ("vllm_tok_s", {})):
-        results[label] = plain_vllm_throughput(args, sources["tiny-a"], threads)
-        print(f"measured plain vLLM {threads or 'default threads'}: {results[label]:.0f} tok/s")
 
-    print("(a) time from deploy to both models answering (2 tiny models, 2 local Ray nodes)")
-    print(f"    rackserve deploy        {results['rackserve_deploy_s']:6.1f} s")
-    print(f"    hand-written Serve LLM  {results['hand_deploy_s']:6.1f} s")
-    deploy_ratio = results["rackserve_deploy_s"] / results["hand_deploy_s"]
-    print(f"    ratio rackserve/hand    {deploy_ratio:6.2f}")
-    print(
-        f"(b) completion throughput, {args.concurrency} concurrent, "
-        f"{args.requests} requests x {args.tokens} tokens, median of 3 rounds"
-    )
-    print(f"    rackserve application   {results['rackserve_tok_s']:7.0f} tok/s")
-    one_thread, default = results["vllm_tok_s_1thread"], results["vllm_tok_s"]
-    print(f"    plain vllm serve, 1 thread  {one_thread:7.0f} tok/s (as Ray runs the engine)")
-    print(f"    plain vllm serve, default   {default:7.0f} tok/s (OMP threads = all cores)")
-    print(f"    ratio rackserve/vllm (1 thread) {results['rackserve_tok_s'] / one_thread:7.2f}")
+    from tools.tiny_models import build_tiny_model  # noqa: PLC0415 - needs torch
+
+    results: dict[str, dict[str, Figures]] = {}
+    for size in args.sizes:
+        source = build_tiny_model(args.cache / "models" / f"bench-{size}", seed=7, **SIZES[size])
+        model = f"bench-{size}"
+        results[size] = {}
+        for server in args.servers:
+            figures = Figures()
+            with SERVERS[server](model, source, args.cache) as deploy_s:
+                figures.deploy_s = deploy_s
+                measure(Client(model, keep_alive=not args.no_keep_alive), args, figures)
+            results[size][server] = figures
+            print(f"measured {size} through {server}", flush=True)
+    report(results, args)
 
 
 if __name__ == "__main__":

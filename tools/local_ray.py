@@ -214,12 +214,14 @@ def start_ray_cluster(
     worker_args: Sequence[str] = (),
     extra_workers: Sequence[WorkerSpec] = (),
     head_env: Mapping[str, str] | None = None,
+    head_only: bool = False,
 ) -> Iterator[RayCluster]:
     """Start a head and a worker on loopback addresses; stop them all (by PID) on exit.
 
     `worker_args` go to the worker's `ray start` (after the defaults, so they win: click keeps
     an option's last value); `extra_workers` start on 127.0.0.4, 127.0.0.5, ... in turn;
-    `head_env` is more environment for the head (GCS persistence: `RAY_gcs_storage`, ...).
+    `head_env` is more environment for the head (GCS persistence: `RAY_gcs_storage`, ...);
+    `head_only`: no worker at all (one host's worth of Ray, for the serving benchmark).
     """
     if len(extra_workers) > len(EXTRA_WORKER_IPS):
         raise LocalRayError(f"at most {len(EXTRA_WORKER_IPS)} extra workers fit on loopback")
@@ -243,7 +245,7 @@ def start_ray_cluster(
         head = _start(list(head_args), names[0], HEAD_IP, base_dir / names[0], env_of_head)
         nodes.append(head)
         _wait_started(head, time.monotonic() + START_TIMEOUT_S)
-        workers = [WorkerSpec(names[1], tuple(worker_args)), *extra_workers]
+        workers = [] if head_only else [WorkerSpec(names[1], tuple(worker_args)), *extra_workers]
         for spec, ip in zip(workers, (WORKER_IP, *EXTRA_WORKER_IPS), strict=False):
             worker = _start(
                 [f"--address={address}", *spec.args], spec.name, ip, base_dir / spec.name, env
