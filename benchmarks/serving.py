@@ -181,6 +181,7 @@ class Figures:
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
     tok_s: dict[int, list[float]] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    idle_cpu: dict[str, float] = field(default_factory=dict)
     tokens_in_cpu_window: int = 0
     deploy_s: float = 0.0
     threads: str = ""
@@ -349,6 +350,9 @@ def _frame(frame: str) -> str:
 def measure(client: Client, args: argparse.Namespace, figures: Figures) -> None:
     repeats = {1: args.short_repeats, 128: args.long_repeats}
     figures.threads = engine_threads()
+    before = cpu_ticks()
+    time.sleep(args.idle_s)  # at rest: what Ray and Serve cost with no request at all
+    figures.idle_cpu = {k: v / args.idle_s for k, v in cpu_between(before, cpu_ticks()).items()}
     figures.latency_ms = latencies(client, repeats)
     for concurrency in args.concurrency:
         requests = max(args.requests, concurrency * 2)
@@ -371,11 +375,19 @@ def measure(client: Client, args: argparse.Namespace, figures: Figures) -> None:
 
 
 def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, check=True, text=True, stdin=subprocess.DEVNULL, **kwargs)
+    """Run a command to its end; on failure, raise with the end of what it printed."""
+    done = subprocess.run(
+        argv, check=False, text=True, stdin=subprocess.DEVNULL, capture_output=True, **kwargs
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done
 
 
 @contextlib.contextmanager
-def rackserve_server(model: str, source: Path, cache: Path) -> Iterator[float]:
+def rackserve_server(
+    model: str, source: Path, cache: Path, ray_env: dict[str, str] | None = None
+) -> Iterator[float]:
     models = {"models": [{"model_id": model, "model_source": str(source), "node": "head",
                           "max_model_len": ENGINE_KWARGS["max_model_len"],
                           "max_num_seqs": MAX_NUM_SEQS, "dtype": "bfloat16",
@@ -385,10 +397,13 @@ def rackserve_server(model: str, source: Path, cache: Path) -> Iterator[float]:
     path = cache / "bench-models.json"
     path.write_text(json.dumps(models))
     env = {**os.environ, **ENGINE_ENV}
-    with temp_root("rs-bench-") as base, start_ray_cluster(base, head_only=True) as cluster:
+    with (
+        temp_root("rs-bench-") as base,
+        start_ray_cluster(base, head_env=ray_env, head_only=True) as cluster,
+    ):
         start = time.monotonic()
         run([sys.executable, "-m", "deployer", *deploy_args(path, cluster.address, PORT)],
-            capture_output=True, env=env)  # fmt: skip
+            env=env)  # fmt: skip
         wait_answering(Client(model), 600, None)
         yield time.monotonic() - start
 
@@ -399,7 +414,7 @@ def hand_server(model: str, source: Path, cache: Path) -> Iterator[float]:
     with temp_root("rs-bench-") as base, start_ray_cluster(base, head_only=True) as cluster:
         start = time.monotonic()
         run([sys.executable, "-c", HAND_WRITTEN, cluster.address, str(PORT), model, str(source),
-             json.dumps(ENGINE_KWARGS), json.dumps(ENGINE_ENV)], capture_output=True)  # fmt: skip
+             json.dumps(ENGINE_KWARGS), json.dumps(ENGINE_ENV)])  # fmt: skip
         wait_answering(Client(model), 600, None)
         yield time.monotonic() - start
 
@@ -430,6 +445,36 @@ SERVERS: dict[str, Callable[[str, Path, Path], contextlib.AbstractContextManager
     "hand": hand_server,
     "vllm": vllm_server,
 }
+VARIANTS: dict[str, tuple[str, dict[str, str], bool]] = {
+    # name: (what it tries, environment of Ray's processes, client keeps connections alive)
+    "rackserve+throughput": (
+        "Serve's throughput-optimized mode, HTTP proxy kept: gRPC between replicas, user code "
+        "on the replica's own loop, buffered request logs, GC frozen after start",
+        {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+        True,
+    ),
+    "rackserve+stream10ms": (
+        "Serve LLM's stream batching interval at 10 ms instead of 50 ms",
+        {"RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS": "10"},
+        True,
+    ),
+    "rackserve,close": (
+        "rackserve's defaults, the client opening a connection per request (no keep-alive)",
+        {},
+        False,
+    ),
+}
+"""rackserve with one setting changed, run with `--servers NAME` beside `rackserve`."""
+
+
+def start_server(
+    name: str, model: str, source: Path, args: argparse.Namespace
+) -> tuple[contextlib.AbstractContextManager[float], bool]:
+    """A server by name (`SERVERS` or `VARIANTS`), and whether its client keeps connections."""
+    if name in VARIANTS:
+        _, ray_env, keep_alive = VARIANTS[name]
+        return rackserve_server(model, source, args.cache, ray_env), keep_alive
+    return SERVERS[name](model, source, args.cache), not args.no_keep_alive
 
 
 # -- the tables ------------------------------------------------------------------------------
@@ -480,19 +525,42 @@ def report(results: dict[str, dict[str, Figures]], args: argparse.Namespace) -> 
                 print(f"    {server + '/vllm':<10}" + "".join(f"{r:>18.2f}" for r in ratios))
         print("(3) CPU seconds per process group during the concurrency-8 rounds, per 1,000 tokens")
         labels = [label for label, _ in GROUPS]
-        print(f"    {'group':<36}" + "".join(f"{s:>12}" for s in by_server))
+        print(f"    {'group':<48}" + "".join(f"{s:>12}" for s in by_server))
         for label in labels:
             cells = [f.cpu_s.get(label, 0.0) * 1000 / max(f.tokens_in_cpu_window, 1)
                      for f in by_server.values()]  # fmt: skip
             if any(cells):
-                print(f"    {label:<36}" + "".join(f"{c:>12.3f}" for c in cells))
+                print(f"    {label:<48}" + "".join(f"{c:>12.3f}" for c in cells))
         totals = [sum(f.cpu_s.values()) * 1000 / max(f.tokens_in_cpu_window, 1)
                   for f in by_server.values()]  # fmt: skip
-        print(f"    {'all':<36}" + "".join(f"{t:>12.3f}" for t in totals))
+        print(f"    {'all':<48}" + "".join(f"{t:>12.3f}" for t in totals))
+        print(f"(3b) CPU at rest ({args.idle_s:.0f} s, no requests), % of one core")
+        for label in labels:
+            cells = [f.idle_cpu.get(label, 0.0) * 100 for f in by_server.values()]
+            if any(cells):
+                print(f"    {label:<48}" + "".join(f"{c:>11.1f}%" for c in cells))
+        rest = [sum(f.idle_cpu.values()) * 100 for f in by_server.values()]
+        print(f"    {'all':<48}" + "".join(f"{t:>11.1f}%" for t in rest))
         for server, figures in by_server.items():
             print(f"    {server} engine core: {figures.threads}")
         print("    time to answer after start: " + ", ".join(
             f"{s} {f.deploy_s:.1f} s" for s, f in by_server.items()))  # fmt: skip
+        tried = [name for name in by_server if name in VARIANTS]
+        if tried and "rackserve" in by_server:
+            base = by_server["rackserve"]
+            print("(5) settings tried, against rackserve's defaults in the same run")
+            for name in tried:
+                med = statistics.median
+                tok_s, ms = by_server[name].tok_s, by_server[name].latency_ms
+                ratios = ", ".join(
+                    f"conc {c} x{med(tok_s[c]) / med(base.tok_s[c]):.2f}" for c in args.concurrency
+                )
+                latency = ", ".join(
+                    f"{case} {med(v) - med(base.latency_ms[case]):+.1f} ms"
+                    for case, v in ms.items()
+                )
+                print(f"    {name}: {VARIANTS[name][0]}")
+                print(f"      tokens/s {ratios}; latency {latency}")
         for server, figures in by_server.items():
             for label, frames in figures.profile.items():
                 print(f"(4) {server}: {label}, py-spy, share of samples (own time)")
@@ -506,13 +574,16 @@ def main() -> None:
     )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument(
+        "--servers", nargs="+", default=list(SERVERS), choices=[*SERVERS, *VARIANTS]
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=16, help="per round (at least 2x conc)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--short-repeats", type=int, default=40)
     parser.add_argument("--long-repeats", type=int, default=10)
+    parser.add_argument("--idle-s", type=float, default=20.0, help="the at-rest CPU window")
     parser.add_argument("--no-keep-alive", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the Serve processes")
     parser.add_argument("--profile-s", type=int, default=15)
@@ -527,9 +598,10 @@ def main() -> None:
         results[size] = {}
         for server in args.servers:
             figures = Figures()
-            with SERVERS[server](model, source, args.cache) as deploy_s:
+            started, keep_alive = start_server(server, model, source, args)
+            with started as deploy_s:
                 figures.deploy_s = deploy_s
-                measure(Client(model, keep_alive=not args.no_keep_alive), args, figures)
+                measure(Client(model, keep_alive=keep_alive), args, figures)
             results[size][server] = figures
             print(f"measured {size} through {server}", flush=True)
     report(results, args)
