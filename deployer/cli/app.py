@@ -771,7 +771,7 @@ def top(
 
 @app.command()
 def down(address: AddressOption = "auto", state_dir: StateDirOption = None) -> None:
-    """Remove the application and every model in it."""
+    """Remove every model's engine application and the endpoint (the ingress application)."""
     require("ray.serve", "down")
     from deployer.serving.launch import down as run_down  # noqa: PLC0415 - needs Ray
 

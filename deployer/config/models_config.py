@@ -4,8 +4,9 @@ Pure parsing lives here (`parse_models_config`, `ModelConfig`, `ModelManager`); 
 or the environment, and resolving relative `model_source` directories against the directory
 of the file that names them, are the side effects, in `load_models`.
 
-Every field has bounds that make physical sense (`LIMITS` below, listed in the README): a
-value outside them is bad input, never a silently absurd estimate.
+Every field has bounds that make physical sense (the constants below, listed in
+docs/3-models-configuration.md): a value outside them is bad input, never a silently absurd
+estimate.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class ModelConfig(BaseModel):
         default=1,
         ge=1,
         le=MAX_TENSOR_PARALLEL,
-        description="GPUs per replica, all on one node; must divide the heads.",
+        description="GPUs per replica, all on one node; must divide the attention heads.",
     )
     max_model_len: int | None = Field(
         default=None,
@@ -414,7 +415,7 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
 
 
 def models_from_environment(environ: Mapping[str, str]) -> ModelManager | None:
-    """`MODELS_CONFIG` (a JSON list), else single-model mode from `MODEL_ID`; None if neither."""
+    """`MODELS_CONFIG` (JSON or YAML), else single-model mode from `MODEL_ID`; None if neither."""
     if environ.get("MODELS_CONFIG"):
         text = environment_text("MODELS_CONFIG", environ["MODELS_CONFIG"])
         return parse_models_config(text, source="MODELS_CONFIG")
@@ -473,7 +474,7 @@ def load_models(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     from_environment = models_from_environment(environ)
     if from_environment is None:
         raise ConfigError(
-            "no models given: pass --models FILE, or set MODELS_CONFIG (a JSON list) "
-            "or MODEL_ID in the environment"
+            "no models given: pass --models FILE, or set MODELS_CONFIG (the models as JSON or "
+            "YAML) or MODEL_ID in the environment"
         )
     return _resolve_sources(from_environment, Path.cwd())
