@@ -19,7 +19,7 @@ MAX_PROBLEM_CHARS = 1000
 
 
 class ExitCode(enum.IntEnum):
-    """Exit codes of the `rackserve` command (documented in the README)."""
+    """Exit codes of the `rackserve` command (documented in docs/commands.md)."""
 
     OK = 0
     FAILURE = 1  # the environment failed (a service unreachable, a process died)

@@ -1,7 +1,7 @@
 """The input boundary: every document rackserve reads is read, decoded and parsed here.
 
 Models files, cluster files, `MODELS_CONFIG`, config.json and safetensors headers all go
-through the same limits (the README's exit-code section lists them):
+through the same limits (docs/3-models-configuration.md, "Input limits", lists them):
 
 - at most `MAX_DOCUMENT_BYTES` per document, read with a bounded read (no /dev/zero hang);
 - UTF-8 only (a UTF-8 byte-order mark is allowed); anything else gets a message saying so;

@@ -2,7 +2,7 @@
 
 Pure: a `Cluster` and one `Demand` per model go in, a `Plan` comes out; no Ray, no NVML, no I/O.
 
-Rules (README, "How models are placed"):
+Rules (docs/2-bootstrap-and-serve.md, "How models are placed"):
 - a model's tensor-parallel ranks take whole, distinct GPUs of one node;
 - a model with tensor_parallel_size 1 takes a fraction of one GPU and may share it;
 - Ray sees every GPU of a node as 1.0 and chooses the GPU itself: whole bundles take the free
