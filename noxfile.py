@@ -137,7 +137,7 @@ def bench_bootstrap(session: nox.Session) -> None:
     ],
 )
 def bench(session: nox.Session) -> None:
-    """All benchmarks (not timed tests); their figures go in the README."""
+    """All benchmarks (not timed tests); their figures go in docs/7-benchmarks.md."""
     session.log(
         "benchmarks done: bench_placement, bench_serving, bench_metrics, bench_recovery, "
         "bench_bootstrap"

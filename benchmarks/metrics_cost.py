@@ -8,7 +8,7 @@ off (`metrics-off`: `log_engine_metrics=False`, `disable_log_stats=True`), with 
 settings, then measures completion throughput through each in alternating rounds, so that drift
 of the machine's speed falls on both. Only one of them receives requests at a time.
 
-Run with `nox -s bench_metrics`; the figures go in the README.
+Run with `nox -s bench_metrics`; the figures go in docs/7-benchmarks.md.
 """
 
 from __future__ import annotations

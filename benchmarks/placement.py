@@ -9,7 +9,7 @@
 (d) `rackserve plan` end to end (start, read the files, plan, print) on that rack's cluster and
     models files against the README's 9-GPU example, as a ratio of wall times.
 
-Run with `nox -s bench`; the figures go in the README.
+Run with `nox -s bench`; the figures go in docs/7-benchmarks.md.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ as the ray_head role sets it up), a client thread per model asking all along:
 
 Per fault: seconds from the fault until every model answered again, that time as a ratio of the
 fresh deploy, and per model the requests answered and failed. Run with `nox -s bench_recovery`;
-the figures go in the README.
+the figures go in docs/7-benchmarks.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ of `--rounds` rounds with their spread; (3) the CPU seconds each process group u
 concurrency-8 rounds ran (from /proc); with `--profile`, (4) where the Ray Serve processes spend
 their CPU, sampled by py-spy. The client keeps its HTTP connections alive, as an OpenAI SDK does
 (`--no-keep-alive` opens one per request). Run with `nox -s bench_serving`; the figures go in
-the README.
+docs/7-benchmarks.md.
 """
 
 from __future__ import annotations

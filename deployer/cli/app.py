@@ -162,7 +162,7 @@ def plan(
         raise ConfigError(
             ["plan needs --cluster FILE (as `rackserve probe --json` writes), or "
              "--against-running to plan against the Ray cluster at --address"],
-            source="the command line",
+            source="command line",
         )  # fmt: skip
     the_cluster = load_cluster(cluster)
     result = plan_models(the_cluster, registry, estimate_models(registry), reserve_gib)

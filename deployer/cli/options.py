@@ -23,7 +23,7 @@ MAX_RESERVE_GIB = 65_536.0
 SERVE_HINT = (
     "install the serve extra and one engine: pip install 'rackserve[serve,gpu]' on a GPU node, "
     "or 'rackserve[serve,cpu]' on a CPU node (from a checkout: pip install -e '.[serve,gpu]'; "
-    "the README's Install section has the CPU recipe)"
+    "the README's Install table has the CPU recipe)"
 )
 
 
