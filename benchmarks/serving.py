@@ -2,20 +2,23 @@
 
 On this machine, in one run, for two random-weight Llama models built locally (`tiny`: hidden
 128, 2 layers; `small`: hidden 1024, 12 layers, about 150 M parameters), each served three ways
-with the same engine settings (threads, batch size, KV cache, eager mode):
+with the same engine settings (one OpenMP thread, batch size, KV cache, eager mode):
 
-- `rackserve`: `rackserve deploy` on a fresh local two-node Ray cluster (rackserve's ingress,
-  one engine application);
-- `hand`: a hand-written `build_openai_app` script on a fresh cluster (Serve LLM's own ingress);
+- `rackserve`: `rackserve deploy` on a fresh one-node Ray cluster (rackserve's ingress, one
+  engine application);
+- `hand`: a hand-written `build_openai_app` script on a fresh one-node cluster (Serve LLM's own
+  ingress);
 - `vllm`: plain `vllm serve`, after Ray is stopped.
 
-Measured for each: (1) latency at concurrency 1 of a 1-token and a 128-token completion,
-streamed and not (median and p99); (2) completion tokens/s at concurrency 1, 8 and 32, the median
-of `--rounds` rounds with their spread; (3) the CPU seconds each process group used while the
-concurrency-8 rounds ran (from /proc); with `--profile`, (4) where the Ray Serve processes spend
-their CPU, sampled by py-spy. The client keeps its HTTP connections alive, as an OpenAI SDK does
-(`--no-keep-alive` opens one per request). Run with `nox -s bench_serving`; the figures go in
-docs/7-benchmarks.md.
+Ray runs on one node, as a model's host on a rack does (the head's processes and the engine);
+plain vLLM runs on the same host alone. Measured for each: (1) latency at concurrency 1 of a
+1-token and a 128-token completion, streamed and not (median and p99); (2) completion tokens/s at
+concurrency 1, 8 and 32, the median of `--rounds` rounds with their spread; (3) the CPU seconds
+each process group used while the concurrency-8 rounds ran, and (3b) at rest (from /proc); with
+`--profile`, (4) where the Ray Serve processes spend their CPU, sampled by py-spy; and, for the
+`VARIANTS` named in `--servers`, (5) each candidate setting against rackserve's defaults. The
+client keeps its HTTP connections alive, as an OpenAI SDK does. Run with
+`nox -s bench_serving`; the figures go in docs/7-benchmarks.md.
 """
 
 from __future__ import annotations

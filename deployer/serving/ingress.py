@@ -3,9 +3,10 @@
 A model's engine runs in one of two Serve applications (`applications.model_app_name` slots):
 a make-before-break move starts the new engine in the other slot, and both run until the
 ingress routes to the new one. The ingress watches Serve's status (every `ROUTE_REFRESH_S`, in
-the background) and routes each model to its newest engine application with a running replica
-that is not being deleted; a deploy waits `ROUTE_SETTLE_S` after the new engine runs before it
-deletes the old one, so no request reaches an engine that is stopping.
+the background, reading the controller's details as plain data) and routes each model to its
+newest engine application with a running replica that is not being deleted; a deploy waits
+`ROUTE_SETTLE_S` after the new engine runs before it deletes the old one, so no request
+reaches an engine that is stopping.
 
 Serve's handle holds a request for an engine with no running replica until one starts, so a
 client of a lost model would wait for its own timeout (or Serve LLM's 600 s). A model with no
@@ -41,6 +42,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     ModelList,
     OpenAIHTTPException,
 )
+from ray.serve.context import _get_global_client
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.metrics import Counter
 from starlette.requests import Request
@@ -49,6 +51,8 @@ from deployer.config.api_keys import ApiKey
 from deployer.serving.applications import (
     ENGINE_DEPLOYMENT,
     ROUTE_REFRESH_S,
+    ApplicationView,
+    applications_from_details,
     serving_routes,
 )
 from deployer.serving.auth import CALLER, REQUESTS_METRIC, TOKENS_METRIC
@@ -91,9 +95,9 @@ class RackserveIngress(OpenAiIngress):
         while True:
             with contextlib.suppress(Exception):  # the controller away: the view ages
                 found = await asyncio.wait_for(
-                    asyncio.to_thread(serve.status), timeout=STATUS_TIMEOUT_S
+                    asyncio.to_thread(serve_applications), timeout=STATUS_TIMEOUT_S
                 )
-                self._routes = serving_routes(found.applications, list(self._last))
+                self._routes = serving_routes(found, list(self._last))
                 self._last |= {m: a for m, a in self._routes.items() if a is not None}
                 self._seen = time.monotonic()
             await asyncio.sleep(ROUTE_REFRESH_S)
@@ -219,6 +223,17 @@ class RackserveIngress(OpenAiIngress):
         yield item
         async for item in inner:
             yield item
+
+
+def serve_applications() -> dict[str, ApplicationView]:
+    """Serve's applications, read from the controller as `serve.status()` reads them, unvalidated.
+
+    Raises when the controller cannot be reached (the watch then keeps its last view).
+    """
+    client = _get_global_client()
+    if client is None:  # not raised when Serve has no controller: it has no applications either
+        return {}
+    return applications_from_details(client.get_serve_details())
 
 
 def caller(request: Any) -> ApiKey | None:

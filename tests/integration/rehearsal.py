@@ -21,7 +21,13 @@ from deployer.config.cluster import parse_cluster
 from deployer.config.models_config import ModelConfig, ModelManager
 from deployer.errors import RackserveError
 from deployer.planning.placement import Plan
-from deployer.serving.applications import ENGINE_DEPLOYMENT, current_app, engine_apps
+from deployer.serving.applications import (
+    ENGINE_DEPLOYMENT,
+    app_status,
+    current_app,
+    engine_apps,
+    serving_routes,
+)
 from deployer.serving.launch import DeployOptions, deploy, down, set_drained
 from deployer.serving.probe import connect
 from deployer.serving.reconcile import ReconcileOptions, reconcile_once
@@ -182,3 +188,34 @@ def drain_standin(
     except RackserveError as exc:
         return f"{out.getvalue()}error: {exc}"
     return out.getvalue()
+
+
+def routing_views(address: str, model_ids: list[str]) -> tuple[Any, Any]:
+    """What routing reads of each application, and the routes it gives, from `serve.status()`
+    and from the ingress's plain reading of the controller's details, at one moment."""
+    import ray
+    from ray import serve
+
+    from deployer.serving.ingress import serve_applications  # noqa: PLC0415 - imports Ray
+
+    def facts(apps: Any) -> Any:
+        seen = {
+            name: (
+                app_status(app),
+                app.last_deployed_time_s,
+                {d: dict(view.replica_states) for d, view in app.deployments.items()},
+            )
+            for name, app in apps.items()
+        }
+        return seen, serving_routes(apps, model_ids)
+
+    connect(address)
+    try:
+        for _ in range(5):  # one moment: serve.status() the same before and after
+            before = facts(serve.status().applications)
+            plain = facts(serve_applications())
+            if facts(serve.status().applications) == before:
+                break
+        return before, plain
+    finally:
+        ray.shutdown()

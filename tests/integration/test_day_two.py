@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from deployer.planning.redeploy import Deployed
+from deployer.serving.applications import app_model
 from deployer.serving.launch import HttpSettingsError
 from deployer.serving.state import FileStateStore
 from tests.integration import rehearsal
@@ -144,6 +145,20 @@ def test_draining_a_node_moves_its_models_and_no_request_fails(
     assert json.loads(shown.stdout)["drained"] == [busiest]
     events = [e["event"] for e in FileStateStore(Path(deployed)).events()]
     assert events[-2:] == ["deployed", "drained"], events
+
+
+def test_the_ingress_reads_serve_as_serve_status_does(
+    driver: Driver, cluster: RayCluster, deployed: str
+) -> None:
+    # The ingress reads the controller's details as plain data (cheaper than serve.status(),
+    # which validates them): after the drain's moves (engines in both slots), both readings
+    # must give every application the same status, deploy time and replica counts.
+    del deployed
+    status, plain = driver.submit(rehearsal.routing_views, cluster.address, IDS)
+    apps, routes = status
+    assert sum(app_model(name) is not None for name in apps) >= len(IDS), apps
+    assert all(routes[m] is not None for m in IDS), routes
+    assert plain == status
 
 
 def test_a_changed_setting_starts_the_new_engine_first_and_no_request_fails(
