@@ -164,8 +164,7 @@ def _plain(value: Any) -> str:
 
 def app_status(application: Any) -> str:
     """An application's status (of `serve.status().applications`) as its plain name."""
-    value = application.status
-    return str(getattr(value, "value", value))
+    return _plain(application.status)
 
 
 def quiet_builders() -> None:
