@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import shutil
 import signal
 import socket
@@ -76,15 +77,41 @@ class RayCluster:
         return [node.name for node in self.nodes]
 
 
-def free_port(ip: str) -> int:
-    """A TCP port free on `ip` now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((ip, 0))
-        return int(sock.getsockname()[1])
-
-
 class LocalRayError(RackserveError):
     """A local Ray node could not be started."""
+
+
+# Ports handed out are taken from between Ray's worker ports (10002-19999 unless set) and the
+# kernel's ephemeral range. A port the kernel picks (bind to port 0) comes from the ephemeral
+# range, where any outgoing connection may take it as its local port before the test binds it
+# (Ray opens many): a Serve proxy once failed to bind its HTTP port that way in CI.
+QUIET_PORTS_LOW = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
+def free_port(ip: str) -> int:
+    """A TCP port free on `ip` now that no outgoing connection or Ray worker will take.
+
+    Not one this process handed out before: the caller may bind it only later.
+    """
+    candidates = [p for p in range(QUIET_PORTS_LOW, _ephemeral_low()) if p not in _handed_out]
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as sock:
+            try:
+                sock.bind((ip, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise LocalRayError(
+        f"no free TCP port on {ip} between {QUIET_PORTS_LOW} and the ephemeral range"
+    )
 
 
 def _ray_executable() -> str:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 
 from deployer.planning.serve_config import APP_NAME
 from tools.client_loop import ClientLoop, ask, wait_answering
-from tools.local_ray import HEAD_IP, RayCluster
+from tools.local_ray import HEAD_IP, RayCluster, free_port
 from tools.prometheus import (
     Prometheus,
     metric_names,
@@ -46,12 +45,6 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip(
         "vLLM is not installed (nox -s tests installs the CPU build)", allow_module_level=True
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HEAD_IP, 0))
-        return int(sock.getsockname()[1])
 
 
 def rackserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -114,7 +107,7 @@ def replica_start_times(address: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def endpoint(ray_cluster: RayCluster) -> Iterator[str]:
-    port = free_port()
+    port = free_port(HEAD_IP)
     yield f"http://{HEAD_IP}:{port}"
     rackserve("down", "--address", ray_cluster.address)
 
@@ -377,7 +370,7 @@ class Controller:
     """`rackserve controller` in a child process (passes every 2 s), its gauges on HEAD_IP."""
 
     def __init__(self, address: str, *args: str) -> None:
-        self.gauges = f"{HEAD_IP}:{free_port()}"
+        self.gauges = f"{HEAD_IP}:{free_port(HEAD_IP)}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "deployer", "controller", "--address", address,
              "--interval-s", "2", "--metrics-address", HEAD_IP,
