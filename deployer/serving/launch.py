@@ -470,7 +470,10 @@ def _deploy(
             unplaced=[u.model_id for u in plan.unplaced],
             engine=options.engine,
         )
-    say(f"deployed {len(specs)} model(s) as application {APP_NAME!r} at {options.endpoint(prefix)}")
+    say(
+        f"deployed {len(specs)} model(s) at {options.endpoint(prefix)}: one engine application "
+        f"each, behind the ingress application {APP_NAME!r}"
+    )
     return plan
 
 
