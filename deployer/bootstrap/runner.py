@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -86,28 +87,84 @@ def content_root() -> Path:
     )
 
 
-def parse_extravars(pairs: Sequence[str]) -> dict[str, Any]:
-    """`-e KEY=VALUE` pairs (values read as YAML, so 'true' and '3' are typed) or `-e @FILE`."""
-    extravars: dict[str, Any] = {}
+VAULT_HEADER = "$ANSIBLE_VAULT;"
+VAULT_HINT = (
+    "the inventory or an -e file holds vault-encrypted values: give their vault password with "
+    "--vault-password-file FILE or --ask-vault-pass, or set ANSIBLE_VAULT_PASSWORD_FILE"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraVars:
+    """`-e` values: those read here, and vault-encrypted files that Ansible decrypts itself."""
+
+    values: dict[str, Any]
+    vault_files: tuple[Path, ...] = ()
+
+
+def parse_extravars(pairs: Sequence[str]) -> ExtraVars:
+    """`-e KEY=VALUE` pairs (values read as YAML, so 'true' and '3' are typed) or `-e @FILE`.
+
+    A vault-encrypted file is only checked to be readable here; Ansible decrypts it.
+    """
+    values: dict[str, Any] = {}
+    vault_files: list[Path] = []
     for pair in pairs:
         if pair.startswith("@"):
             path = Path(pair[1:])
             try:
-                loaded = parse_yaml(decode_utf8(read_bytes(path)))
+                text = decode_utf8(read_bytes(path))
+                if text.lstrip().startswith(VAULT_HEADER):
+                    vault_files.append(path.resolve())
+                    continue
+                loaded = parse_yaml(text)
             except DocumentError as exc:
                 raise ConfigError(f"extra vars file {path}: {exc}", source="-e") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path} must hold a mapping of variables", source="-e")
-            extravars.update(loaded)
+            values.update(loaded)
             continue
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"expected KEY=VALUE or @FILE, got {pair!r}", source="-e")
         try:
-            extravars[key.strip()] = parse_yaml(value) if value.strip() else ""
+            values[key.strip()] = parse_yaml(value) if value.strip() else ""
         except DocumentError as exc:
             raise ConfigError(f"{key.strip()}: {exc}", source="-e") from None
-    return extravars
+    return ExtraVars(values, tuple(vault_files))
+
+
+def unparsed_inventory(inventory: Path, output: str) -> ConfigError | None:
+    """The error for an inventory Ansible could not parse (made fatal by `run_playbook`).
+
+    Ansible tries each inventory plugin in turn and prints each one's reason and origin: a
+    vault reason wins (its origin is the encrypted file, perhaps an -e file), then the first
+    other one except the `auto` plugin's complaint that a plain YAML inventory is not a plugin
+    config. None when the output is not about the inventory.
+    """
+    if "No inventory was parsed" not in output:
+        return None
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    reasons = [
+        (lines[at + 1], lines[at + 2].removeprefix("Origin:").strip())
+        for at, line in enumerate(lines[:-2])
+        if line == "<<< caused by >>>" and lines[at + 2].startswith("Origin:")
+    ]
+    useful = [r for r in reasons if "no root 'plugin' key found" not in r[0]] or reasons
+    vault = [r for r in useful if "vault" in r[0].lower()]
+    reason, origin = (vault or useful or [("see ansible-playbook's output", "")])[0]
+    reason = reason.rstrip(".")
+    if vault and str(inventory.resolve()) not in origin:
+        return ConfigError(
+            f"{origin} could not be decrypted: {reason}; {VAULT_HINT}; nothing was run",
+            source="-e",
+        )
+    where = f" ({origin})" if origin.startswith(str(inventory.resolve())) else ""
+    hint = f"; {VAULT_HINT}" if vault else ""
+    return ConfigError(
+        f"inventory {inventory} could not be parsed: {reason}{where}{hint}; nothing was run",
+        source="-i",
+    )
 
 
 class _Progress:
@@ -219,16 +276,27 @@ def run_playbook(
     tags: str | None = None,
     skip_tags: str | None = None,
     syntax_check: bool = False,
+    vault_files: Sequence[Path] = (),
+    vault_password_file: Path | None = None,
+    vault_password: str | None = None,
 ) -> BootstrapResult:
     """Run playbooks/<playbook>.yml against the inventory, showing progress on `console`.
 
     `tags` / `skip_tags` (comma-separated) are ansible-playbook's: the roles' steps.
     `syntax_check` only parses the playbook and its roles (ansible-playbook --syntax-check).
+    `vault_files` are vault-encrypted extra vars files; `vault_password_file` or
+    `vault_password` (answered to `--ask-vault-pass`) decrypt them and the inventory's vault
+    values. Ansible's own ANSIBLE_VAULT_PASSWORD_FILE works too: the environment is passed on.
     """
     if playbook not in PLAYBOOKS:
         raise ConfigError(f"unknown playbook {playbook!r} (choose from {', '.join(PLAYBOOKS)})")
     if not inventory.is_file():
         raise ConfigError(f"inventory {inventory} is not a file", source="-i")
+    if vault_password_file is not None and not vault_password_file.is_file():
+        raise ConfigError(
+            f"vault password file {vault_password_file} is not a file",
+            source="--vault-password-file",
+        )
     try:
         import ansible_runner  # noqa: PLC0415 - the bootstrap extra
     except ImportError:
@@ -251,14 +319,16 @@ def run_playbook(
             limit=limit,
             tags=tags,
             skip_tags=skip_tags,
-            cmdline=" ".join(
-                flag
-                for flag, wanted in (("--check", check), ("--syntax-check", syntax_check))
-                if wanted
-            )
-            or None,
+            cmdline=_cmdline(
+                check, syntax_check, vault_files, vault_password_file, vault_password is not None
+            ),
+            passwords={VAULT_PROMPT: vault_password} if vault_password is not None else None,
             envvars={
                 "ANSIBLE_CONFIG": str(root / "ansible.cfg"),
+                # An inventory that cannot be parsed stops the run (Ansible's default is to
+                # warn and run every play on no hosts, exit 0); not in ansible.cfg, which
+                # `ansible-playbook --syntax-check` (ansible-lint's) reads with no inventory.
+                "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true",
                 "ANSIBLE_NOCOLOR": "1",
                 "PATH": os.pathsep.join([str(Path(binary).parent), os.environ.get("PATH", "")]),
             },
@@ -269,8 +339,14 @@ def run_playbook(
         status = str(runner.status)
         stats = _stats_from_runner(runner.stats)
         if status != "successful" and not progress.failures and not stats:
-            tail = runner.stdout.read()[-2000:] if runner.stdout else ""
-            raise BootstrapError(f"ansible-playbook did not run ({status}):\n{tail}")
+            output = runner.stdout.read() if runner.stdout else ""
+            unparsed = unparsed_inventory(inventory, output)
+            if unparsed is not None:
+                raise unparsed
+            hint = f"\n({VAULT_HINT})" if "vault secrets" in output else ""
+            raise BootstrapError(
+                f"ansible-playbook did not run ({status}):\n{output[-2000:]}{hint}"
+            )
     result = BootstrapResult(
         playbook=playbook,
         stats=stats or {h: dict(c) for h, c in progress.counts.items()},
@@ -289,4 +365,28 @@ def run_playbook(
             highlight=False,
             soft_wrap=True,
         )
+    if any("vault secrets" in failure.message for failure in result.failures):
+        console.print(f"hint: {VAULT_HINT}", highlight=False, soft_wrap=True)
     return result
+
+
+VAULT_PROMPT = r"^Vault password:\s*?$"
+"""ansible-playbook's `--ask-vault-pass` prompt, answered by ansible-runner (pexpect)."""
+
+
+def _cmdline(
+    check: bool,
+    syntax_check: bool,
+    vault_files: Sequence[Path],
+    vault_password_file: Path | None,
+    ask_vault_pass: bool,
+) -> str | None:
+    """ansible-playbook options that ansible-runner has no argument for, quoted."""
+    args = [flag for flag, on in (("--check", check), ("--syntax-check", syntax_check)) if on]
+    for path in vault_files:
+        args += ["--extra-vars", f"@{path}"]
+    if vault_password_file is not None:
+        args += ["--vault-password-file", str(vault_password_file.resolve())]
+    if ask_vault_pass:
+        args.append("--ask-vault-pass")
+    return shlex.join(args) or None

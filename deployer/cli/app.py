@@ -8,6 +8,7 @@ serving.
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import sys
 import time
@@ -813,6 +814,16 @@ def bootstrap(
     skip_tags: Annotated[
         str | None, typer.Option("--skip-tags", help="All steps but these, e.g. models.")
     ] = None,
+    vault_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--vault-password-file",
+            help="Decrypts the inventory's and -e files' vault values (as ansible-playbook).",
+        ),
+    ] = None,
+    ask_vault_pass: Annotated[
+        bool, typer.Option("--ask-vault-pass", help="Ask for the vault password.")
+    ] = False,
 ) -> None:
     """Bootstrap the rack with Ansible (playbooks/site.yml) and show live progress."""
     from deployer.bootstrap.runner import (  # noqa: PLC0415 - ansible
@@ -822,17 +833,26 @@ def bootstrap(
     )
 
     require("ansible_runner", "bootstrap", BOOTSTRAP_HINT)
-
+    if ask_vault_pass and vault_password_file is not None:
+        raise ConfigError(
+            "--ask-vault-pass and --vault-password-file both give the vault password: pass one",
+            source="--ask-vault-pass",
+        )
+    extra = parse_extravars(extra_vars or [])
+    password = getpass.getpass("Vault password: ") if ask_vault_pass else None
     result = run_playbook(
         inventory,
         playbook,
-        parse_extravars(extra_vars or []),
+        extra.values,
         limit,
         check,
         console,
         tags=tags,
         skip_tags=skip_tags,
         syntax_check=syntax_check,
+        vault_files=extra.vault_files,
+        vault_password_file=vault_password_file,
+        vault_password=password,
     )
     if not result.ok:
         raise typer.Exit(ExitCode.FAILURE)

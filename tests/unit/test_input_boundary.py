@@ -196,5 +196,5 @@ def test_extra_vars_files_go_through_the_same_boundary(tmp_path: Path) -> None:
         parse_extravars([f"@{bad}"])
     with pytest.raises(ConfigError, match="duplicate key"):
         parse_extravars(["x={a: 1, a: 2}"])
-    assert parse_extravars(["n=3", "s=x y", "e="]) == {"n": 3, "s": "x y", "e": ""}
-    assert json.loads(json.dumps(parse_extravars(["l=[1, 2]"]))) == {"l": [1, 2]}
+    assert parse_extravars(["n=3", "s=x y", "e="]).values == {"n": 3, "s": "x y", "e": ""}
+    assert json.loads(json.dumps(parse_extravars(["l=[1, 2]"]).values)) == {"l": [1, 2]}
