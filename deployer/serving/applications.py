@@ -191,15 +191,18 @@ def engine_application(spec: EngineSpec, engine: Engine = "vllm") -> Any:
 
 
 def ingress_key(
-    specs: Sequence[EngineSpec], prefix: str, cpu_only: bool, api_keys: str | None = None
+    configs: Sequence[Mapping[str, Any]], prefix: str, cpu_only: bool, api_keys: str | None = None
 ) -> str:
     """What the ingress application is built from, besides where the engines run.
 
-    Two deploys with the same key need not restart the ingress: it holds handles to the
-    engines' applications by name, and lists the same model cards.
+    `configs`: every configured model's `LLMConfig` arguments (a placed engine's, or
+    `serve_config.card_config` for one not placed). Two deploys with the same key need not
+    restart the ingress: it holds handles to the engines' applications by name, and lists the
+    same model cards.
     """
     cards = sorted(
-        (s.model_id, s.llm_config.get("engine_kwargs", {}).get("max_model_len")) for s in specs
+        (c["model_loading_config"]["model_id"], c.get("engine_kwargs", {}).get("max_model_len"))
+        for c in configs
     )
     key: dict[str, Any] = {"cards": cards, "prefix": prefix, "cpu_only": cpu_only}
     if api_keys is not None:  # absent without keys: an ingress from before keys is unchanged
@@ -208,13 +211,15 @@ def ingress_key(
 
 
 def ingress_application(
-    specs: Sequence[EngineSpec],
+    llm_configs: Sequence[Mapping[str, Any]],
     cpu_only: bool,
     apps: Mapping[str, str] | None = None,
     api_keys: str | None = None,
 ) -> Any:
     """The ingress over handles to the engines' applications, as `build_openai_app` builds it.
 
+    `llm_configs`: every configured model's `LLMConfig` arguments, as for `ingress_key`; a
+    model with no engine application is answered 503 until one runs.
     `apps`: each model's engine application now (slot 0 for those not given); the ingress
     follows an engine that moves to its other slot by itself. `api_keys`: the key file on the
     head that every request's key is checked against (`deployer.serving.auth`); None: no keys.
@@ -231,7 +236,7 @@ def ingress_application(
     from deployer.serving.auth import ApiKeyMiddleware  # noqa: PLC0415 - imports Ray
     from deployer.serving.ingress import RackserveIngress  # noqa: PLC0415 - imports Ray
 
-    configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
+    configs: list[Any] = [LLMConfig(**config) for config in llm_configs]
     options = OpenAiIngress.get_deployment_options(configs)
     actor = dict(options.get("ray_actor_options", {}))
     # losing a worker then never takes the ingress, and every model's requests, away
@@ -243,7 +248,9 @@ def ingress_application(
     apps = apps or {}
     handles = {
         c.model_id: serve.get_deployment_handle(
-            ENGINE_DEPLOYMENT, app_name=apps.get(c.model_id) or model_app_name(c.model_id)
+            ENGINE_DEPLOYMENT,
+            app_name=apps.get(c.model_id) or model_app_name(c.model_id),
+            _check_exists=c.model_id in apps,  # a model not placed has no application yet
         )
         for c in configs
     }
