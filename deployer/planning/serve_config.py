@@ -137,9 +137,9 @@ def card_config(model: ModelConfig) -> dict[str, Any]:
     The ingress lists every configured model, placed or not, so that a model leaving the plan
     (its node lost, no room) or coming back does not change the ingress and restart it; a
     request for it is answered 503 until its engine runs. The card's `max_model_len` is the
-    one a placed engine gets (the field; `engine_kwargs` may not set it).
+    one a placed engine gets (`engine_kwargs` wins over the field).
     """
-    max_model_len = model.max_model_len
+    max_model_len = model.engine_kwargs.get("max_model_len", model.max_model_len)
     return {
         "model_loading_config": {"model_id": model.model_id, "model_source": model.served_source},
         "engine_kwargs": {} if max_model_len is None else {"max_model_len": max_model_len},

@@ -11,14 +11,7 @@ from deployer.config.models_config import ModelManager, parse_models_config
 from deployer.config.units import GIB
 from deployer.errors import ConfigError
 from deployer.planning.placement import Demand, plan_placements
-from deployer.planning.serve_config import (
-    NODE_LABEL,
-    card_config,
-    engine_specs,
-    route_prefix,
-    waves,
-)
-from deployer.serving.applications import ingress_key
+from deployer.planning.serve_config import NODE_LABEL, engine_specs, route_prefix, waves
 
 pytestmark = pytest.mark.unit
 
@@ -218,24 +211,3 @@ def test_weights_settings_that_cannot_work_are_bad_input(model: str, problem: st
     with pytest.raises(ConfigError) as caught:
         parse_models_config(f"models: [{model}]")
     assert problem in str(caught.value)
-
-
-def test_a_model_not_placed_keeps_the_ingress_key_its_engine_gave() -> None:
-    """The ingress is built from every model's card: a placed model's `LLMConfig` arguments or
-    `card_config` for one not placed. Both must give the same key, or a model leaving the plan
-    (or coming back) would restart the ingress and fail requests to every other model."""
-    from ray.serve.llm import LLMConfig
-
-    models = parse_models_config(MODELS)
-    cluster = Cluster(nodes=[h100_node("gpu-a", 2), h100_node("gpu-b", 2)])
-    specs = engine_specs(plan_for(models, cluster), models, cluster)
-    assert len(specs) == len(models)
-    for spec in specs:
-        card = card_config(models.get(spec.model_id))
-        assert ingress_key([card], "/", False) == ingress_key([spec.llm_config], "/", False)
-        assert LLMConfig(**card).model_id == spec.model_id
-    assert "8192" in ingress_key([card_config(models.get("big"))], "/", False)
-    everything = [s.llm_config for s in specs]
-    one_unplaced = [*everything[1:], card_config(models.get(specs[0].model_id))]
-    assert ingress_key(one_unplaced, "/", False) == ingress_key(everything, "/", False)
-    assert ingress_key(everything[1:], "/", False) != ingress_key(everything, "/", False)
