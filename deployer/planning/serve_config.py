@@ -131,22 +131,6 @@ def llm_config(model: ModelConfig, placement: Placement, node: Node) -> dict[str
     }
 
 
-def card_config(model: ModelConfig) -> dict[str, Any]:
-    """The `LLMConfig` arguments of a model the plan did not place, for the ingress's card only.
-
-    The ingress lists every configured model, placed or not, so that a model leaving the plan
-    (its node lost, no room) or coming back does not change the ingress and restart it; a
-    request for it is answered 503 until its engine runs. The card's `max_model_len` is the
-    one a placed engine gets (`engine_kwargs` wins over the field).
-    """
-    max_model_len = model.engine_kwargs.get("max_model_len", model.max_model_len)
-    return {
-        "model_loading_config": {"model_id": model.model_id, "model_source": model.served_source},
-        "engine_kwargs": {} if max_model_len is None else {"max_model_len": max_model_len},
-        "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
-    }
-
-
 def route_prefix(models: Sequence[ModelConfig]) -> str:
     """The application's route prefix: the one the models give, else '/'.
 

@@ -191,18 +191,15 @@ def engine_application(spec: EngineSpec, engine: Engine = "vllm") -> Any:
 
 
 def ingress_key(
-    configs: Sequence[Mapping[str, Any]], prefix: str, cpu_only: bool, api_keys: str | None = None
+    specs: Sequence[EngineSpec], prefix: str, cpu_only: bool, api_keys: str | None = None
 ) -> str:
     """What the ingress application is built from, besides where the engines run.
 
-    `configs`: every configured model's `LLMConfig` arguments (a placed engine's, or
-    `serve_config.card_config` for one not placed). Two deploys with the same key need not
-    restart the ingress: it holds handles to the engines' applications by name, and lists the
-    same model cards.
+    Two deploys with the same key need not restart the ingress: it holds handles to the
+    engines' applications by name, and lists the same model cards.
     """
     cards = sorted(
-        (c["model_loading_config"]["model_id"], c.get("engine_kwargs", {}).get("max_model_len"))
-        for c in configs
+        (s.model_id, s.llm_config.get("engine_kwargs", {}).get("max_model_len")) for s in specs
     )
     key: dict[str, Any] = {"cards": cards, "prefix": prefix, "cpu_only": cpu_only}
     if api_keys is not None:  # absent without keys: an ingress from before keys is unchanged
@@ -211,15 +208,13 @@ def ingress_key(
 
 
 def ingress_application(
-    llm_configs: Sequence[Mapping[str, Any]],
+    specs: Sequence[EngineSpec],
     cpu_only: bool,
     apps: Mapping[str, str] | None = None,
     api_keys: str | None = None,
 ) -> Any:
     """The ingress over handles to the engines' applications, as `build_openai_app` builds it.
 
-    `llm_configs`: every configured model's `LLMConfig` arguments, as for `ingress_key`; a
-    model with no engine application is answered 503 until one runs.
     `apps`: each model's engine application now (slot 0 for those not given); the ingress
     follows an engine that moves to its other slot by itself. `api_keys`: the key file on the
     head that every request's key is checked against (`deployer.serving.auth`); None: no keys.
@@ -236,7 +231,7 @@ def ingress_application(
     from deployer.serving.auth import ApiKeyMiddleware  # noqa: PLC0415 - imports Ray
     from deployer.serving.ingress import RackserveIngress  # noqa: PLC0415 - imports Ray
 
-    configs: list[Any] = [LLMConfig(**config) for config in llm_configs]
+    configs: list[Any] = [LLMConfig(**spec.llm_config) for spec in specs]
     options = OpenAiIngress.get_deployment_options(configs)
     actor = dict(options.get("ray_actor_options", {}))
     # losing a worker then never takes the ingress, and every model's requests, away
@@ -248,9 +243,7 @@ def ingress_application(
     apps = apps or {}
     handles = {
         c.model_id: serve.get_deployment_handle(
-            ENGINE_DEPLOYMENT,
-            app_name=apps.get(c.model_id) or model_app_name(c.model_id),
-            _check_exists=c.model_id in apps,  # a model not placed has no application yet
+            ENGINE_DEPLOYMENT, app_name=apps.get(c.model_id) or model_app_name(c.model_id)
         )
         for c in configs
     }

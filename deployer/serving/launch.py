@@ -32,7 +32,6 @@ from deployer.planning.serve_config import (
     DEFAULT_HTTP_HOST,
     DEFAULT_HTTP_PORT,
     EngineSpec,
-    card_config,
     proxy_location,
     route_prefix,
     waves,
@@ -435,20 +434,14 @@ def _deploy(
     apps = _stop_and_start(change, applications, say, options.engine, options.start_timeout_s)
     specs = change.specs
     keys = str(options.api_keys) if options.api_keys else None
-    # Every configured model, placed or not: one leaving the plan or coming back leaves the
-    # ingress as it is (a restarted ingress fails requests in flight to every model).
-    cards = [
-        *(s.llm_config for s in specs),
-        *(card_config(models.get(u.model_id)) for u in plan.unplaced),
-    ]
-    front = ingress_key(cards, prefix, plan.device == "cpu", keys)
+    front = ingress_key(specs, prefix, plan.device == "cpu", keys)
     if running and deployed is not None and deployed.ingress == front:
         # Same models behind the same route: the ingress follows restarted and moved engines by
         # itself; restarting it would fail requests to every model.
         say("the ingress serves the same models: left running")
     else:
         serve.run(
-            ingress_application(cards, plan.device == "cpu", apps, keys),
+            ingress_application(specs, plan.device == "cpu", apps, keys),
             name=APP_NAME,
             route_prefix=prefix,
         )

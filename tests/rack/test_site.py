@@ -760,9 +760,12 @@ def test_the_rack_heals_itself_after_power_cuts(site_rack: Rack, converged: Run)
             f"{moved_back:.1f} s; {unplaced} after the worker booted, {placed_back:.1f} s after "
             f"the cut; {_seen(loop, cut)}"
         )
-        # The ingress lists every configured model, placed or not: neither the model leaving
-        # the plan nor its return restarts it, so the survivor fails nothing.
-        assert loop.counts[stay].failed == [], _seen(loop, cut)
+        # The ingress routes the placed models: it restarts when the unplaced one leaves its list
+        # and again when it comes back, and a request in flight at each restart times out (the
+        # README's "When things fail" says so). Nothing else of the survivor's fails.
+        survivor_failed = loop.counts[stay].failed
+        assert len(survivor_failed) <= 2, _seen(loop, cut)
+        assert all(why == "TimeoutError" for _, why in survivor_failed), _seen(loop, cut)
         _wait_for(
             f"{unplaced} recorded on {victim.name}",
             lambda: _deployed_on(site_rack).get(unplaced) == victim.name,
