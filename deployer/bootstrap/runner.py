@@ -88,6 +88,8 @@ def content_root() -> Path:
 
 
 VAULT_HEADER = "$ANSIBLE_VAULT;"
+VAULT_FAILURE = "vault secrets"
+"""In Ansible's message when a vault value cannot be decrypted (no password, or a wrong one)."""
 VAULT_HINT = (
     "the inventory or an -e file holds vault-encrypted values: give their vault password with "
     "--vault-password-file FILE or --ask-vault-pass, or set ANSIBLE_VAULT_PASSWORD_FILE"
@@ -154,12 +156,13 @@ def unparsed_inventory(inventory: Path, output: str) -> ConfigError | None:
     vault = [r for r in useful if "vault" in r[0].lower()]
     reason, origin = (vault or useful or [("see ansible-playbook's output", "")])[0]
     reason = reason.rstrip(".")
-    if vault and str(inventory.resolve()) not in origin:
+    own = str(inventory.resolve())
+    if vault and own not in origin:
         return ConfigError(
             f"{origin} could not be decrypted: {reason}; {VAULT_HINT}; nothing was run",
             source="-e",
         )
-    where = f" ({origin})" if origin.startswith(str(inventory.resolve())) else ""
+    where = f" ({origin})" if origin.startswith(own) else ""
     hint = f"; {VAULT_HINT}" if vault else ""
     return ConfigError(
         f"inventory {inventory} could not be parsed: {reason}{where}{hint}; nothing was run",
@@ -343,7 +346,7 @@ def run_playbook(
             unparsed = unparsed_inventory(inventory, output)
             if unparsed is not None:
                 raise unparsed
-            hint = f"\n({VAULT_HINT})" if "vault secrets" in output else ""
+            hint = f"\n({VAULT_HINT})" if VAULT_FAILURE in output else ""
             raise BootstrapError(
                 f"ansible-playbook did not run ({status}):\n{output[-2000:]}{hint}"
             )
@@ -365,7 +368,7 @@ def run_playbook(
             highlight=False,
             soft_wrap=True,
         )
-    if any("vault secrets" in failure.message for failure in result.failures):
+    if any(VAULT_FAILURE in failure.message for failure in result.failures):
         console.print(f"hint: {VAULT_HINT}", highlight=False, soft_wrap=True)
     return result
 
