@@ -389,14 +389,18 @@ def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 @contextlib.contextmanager
 def rackserve_server(
-    model: str, source: Path, cache: Path, ray_env: dict[str, str] | None = None
+    model: str,
+    source: Path,
+    cache: Path,
+    ray_env: dict[str, str] | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[float]:
     models = {"models": [{"model_id": model, "model_source": str(source), "node": "head",
                           "max_model_len": ENGINE_KWARGS["max_model_len"],
                           "max_num_seqs": MAX_NUM_SEQS, "dtype": "bfloat16",
                           "overhead_gib": 1.0, "engine_kwargs": {
-                              "enforce_eager": True,
-                              "kv_cache_memory_bytes": KV_CACHE_BYTES}}]}  # fmt: skip
+                              "enforce_eager": True, "kv_cache_memory_bytes": KV_CACHE_BYTES,
+                              **(engine_kwargs or {})}}]}  # fmt: skip
     path = cache / "bench-models.json"
     path.write_text(json.dumps(models))
     env = {**os.environ, **ENGINE_ENV}
@@ -423,8 +427,10 @@ def hand_server(model: str, source: Path, cache: Path) -> Iterator[float]:
 
 
 @contextlib.contextmanager
-def vllm_server(model: str, source: Path, cache: Path) -> Iterator[float]:
-    env = dict(os.environ, **ENGINE_ENV)
+def vllm_server(
+    model: str, source: Path, cache: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[float]:
+    env = dict(os.environ, **ENGINE_ENV, **(extra_env or {}))
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in ENGINE_KWARGS.items()
              if name != "enforce_eager"]  # fmt: skip
     with (cache / "vllm-serve.log").open("w") as log:
@@ -448,26 +454,49 @@ SERVERS: dict[str, Callable[[str, Path, Path], contextlib.AbstractContextManager
     "hand": hand_server,
     "vllm": vllm_server,
 }
-VARIANTS: dict[str, tuple[str, dict[str, str], bool]] = {
-    # name: (what it tries, environment of Ray's processes, client keeps connections alive)
-    "rackserve+throughput": (
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting changed from a server's defaults, run beside that server (`--servers NAME`)."""
+
+    what: str
+    server: str = "rackserve"
+    env: dict[str, str] = field(default_factory=dict)
+    """rackserve: Ray's processes' environment; vllm: `vllm serve`'s."""
+    keep_alive: bool = True
+    """Whether the client keeps its connections alive."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """rackserve: added to the model's engine_kwargs."""
+
+
+VARIANTS: dict[str, Variant] = {
+    "rackserve,mp": Variant(
+        "Serve LLM's own CPU engine: vLLM's `mp` executor, the model in a worker process beside "
+        "the engine core (rackserve's default before; `distributed_executor_backend: mp`)",
+        engine_kwargs={"distributed_executor_backend": "mp"},
+    ),
+    "vllm,uni": Variant(
+        "plain `vllm serve` with the model run in its engine core, as rackserve runs CPU engines "
+        "(`VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps vLLM's `uni` executor)",
+        server="vllm",
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    ),
+    "rackserve+throughput": Variant(
         "Serve's throughput-optimized mode, HTTP proxy kept: gRPC between replicas, user code "
         "on the replica's own loop, buffered request logs, GC frozen after start",
-        {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
-        True,
+        env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
     ),
-    "rackserve+stream10ms": (
+    "rackserve+stream10ms": Variant(
         "Serve LLM's stream batching interval at 10 ms instead of 50 ms",
-        {"RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS": "10"},
-        True,
+        env={"RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS": "10"},
     ),
-    "rackserve,close": (
+    "rackserve,close": Variant(
         "rackserve's defaults, the client opening a connection per request (no keep-alive)",
-        {},
-        False,
+        keep_alive=False,
     ),
 }
-"""rackserve with one setting changed, run with `--servers NAME` beside `rackserve`."""
+"""Candidate settings, each run with `--servers NAME` beside the server it changes."""
 
 
 def start_server(
@@ -475,12 +504,12 @@ def start_server(
 ) -> tuple[contextlib.AbstractContextManager[float], bool]:
     """A server by name (`SERVERS` or `VARIANTS`), and whether its client keeps connections."""
     if name in VARIANTS:
-        _, ray_env, keep_alive = VARIANTS[name]
-        return rackserve_server(model, source, args.cache, ray_env), keep_alive
+        variant = VARIANTS[name]
+        if variant.server == "vllm":
+            return vllm_server(model, source, args.cache, variant.env), variant.keep_alive
+        server = rackserve_server(model, source, args.cache, variant.env, variant.engine_kwargs)
+        return server, variant.keep_alive
     return SERVERS[name](model, source, args.cache), not args.no_keep_alive
-
-
-# -- the tables ------------------------------------------------------------------------------
 
 
 def _p99(values: list[float]) -> float:
@@ -548,11 +577,11 @@ def report(results: dict[str, dict[str, Figures]], args: argparse.Namespace) -> 
             print(f"    {server} engine core: {figures.threads}")
         print("    time to answer after start: " + ", ".join(
             f"{s} {f.deploy_s:.1f} s" for s, f in by_server.items()))  # fmt: skip
-        tried = [name for name in by_server if name in VARIANTS]
-        if tried and "rackserve" in by_server:
-            base = by_server["rackserve"]
-            print("(5) settings tried, against rackserve's defaults in the same run")
+        tried = [n for n in by_server if n in VARIANTS and VARIANTS[n].server in by_server]
+        if tried:
+            print("(5) settings tried, against the server's defaults in the same run")
             for name in tried:
+                base = by_server[VARIANTS[name].server]
                 med = statistics.median
                 tok_s, ms = by_server[name].tok_s, by_server[name].latency_ms
                 ratios = ", ".join(
@@ -562,7 +591,7 @@ def report(results: dict[str, dict[str, Figures]], args: argparse.Namespace) -> 
                     f"{case} {med(v) - med(base.latency_ms[case]):+.1f} ms"
                     for case, v in ms.items()
                 )
-                print(f"    {name}: {VARIANTS[name][0]}")
+                print(f"    {name}: {VARIANTS[name].what}")
                 print(f"      tokens/s {ratios}; latency {latency}")
         for server, figures in by_server.items():
             for label, frames in figures.profile.items():

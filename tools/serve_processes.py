@@ -27,14 +27,23 @@ def replica_pids(address: str) -> dict[str, int]:
     return {name: pids[0] for name, pids in found.items() if pids}
 
 
-def engine_process(replica_pid: int) -> tuple[int, str]:
-    """The replica's vLLM engine core process (started from any of its threads): PID, argv."""
+def children(parent_pid: int) -> dict[int, str]:
+    """The running children of a process (started from any of its threads): PID -> argv."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
             command = stat.with_name("cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if int(fields[1]) == replica_pid and "EngineCore" in command:
-            return int(stat.parent.name), command.strip()
+        if int(fields[1]) == parent_pid:
+            found[int(stat.parent.name)] = command.strip()
+    return found
+
+
+def engine_process(replica_pid: int) -> tuple[int, str]:
+    """The replica's vLLM engine core process: PID, argv."""
+    for pid, command in children(replica_pid).items():
+        if "EngineCore" in command:
+            return pid, command
     raise LookupError(f"no vLLM engine core process under the replica (PID {replica_pid})")

@@ -8,8 +8,8 @@ Each placed model becomes the keyword arguments of one `ray.serve.llm.LLMConfig`
 - GPU: one bundle per rank with the plan's Ray GPU fraction, `VLLM_RAY_PER_WORKER_GPUS` set to
   that fraction in the runtime env (Ray 2.60 does not pass it on), and the plan's
   `gpu_memory_utilization` in the engine kwargs;
-- CPU: the CPU accelerator config, a CPU bundle, `kv_cache_memory_bytes` from the plan, and no
-  GPU key anywhere.
+- CPU: the CPU accelerator config, a CPU bundle, `kv_cache_memory_bytes` from the plan, no GPU
+  key anywhere, and rackserve's CPU engine class (`deployer.serving.cpu_engine`).
 
 Engines are started in waves: wave k holds the k-th placement of every node in plan order, so
 that Ray's first-fit reproduces the plan and two engines never start on one GPU at once.
@@ -98,6 +98,14 @@ setup off, vLLM's records go through Ray's worker logging (warnings and errors; 
 """
 
 
+ENGINE_CLASS_ENV = "RAYLLM_VLLM_ENGINE_CLS"
+"""The environment variable naming the engine class Serve LLM builds in an engine's replica."""
+CPU_ENGINE_CLASS = "deployer.serving.cpu_engine.CpuEngine"
+"""The engine of CPU placements: vLLM's model run in the engine core process, not in a spinning
+worker process beside it (`deployer.serving.cpu_engine` says why). A model whose engine_kwargs
+set `distributed_executor_backend: mp` keeps Serve LLM's own engine and executor."""
+
+
 def llm_config(model: ModelConfig, placement: Placement, node: Node) -> dict[str, Any]:
     """The keyword arguments of `ray.serve.llm.LLMConfig` for one placed model."""
     if placement.device == "gpu":
@@ -112,6 +120,8 @@ def llm_config(model: ModelConfig, placement: Placement, node: Node) -> dict[str
     else:
         bundles = [{"CPU": 1.0}]
         env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        if model.engine_kwargs.get("distributed_executor_backend", "uni") == "uni":
+            env[ENGINE_CLASS_ENV] = CPU_ENGINE_CLASS
         accelerator = {"accelerator_config": {"kind": "cpu"}}
         actor_options = {"num_cpus": 0}  # the replica lives in the bundle's CPU
     if model.weights != "engine":

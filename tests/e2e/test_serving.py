@@ -35,7 +35,7 @@ from tools.prometheus import (
     start_prometheus,
 )
 from tools.quickstart import ENGINE, http_json
-from tools.serve_processes import engine_process, replica_pids
+from tools.serve_processes import children, engine_process, replica_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -119,7 +119,10 @@ def test_deploy_grow_redeploy_refuse_status_down(
     port = endpoint.rsplit(":", 1)[1]
     common = ["--address", address, "--http-host", HEAD_IP, "--http-port", port, "--no-auth"]
     one = [entry("tiny-a", models["tiny-a"], "head")]
-    two = [*one, entry("tiny-b", models["tiny-b"], "worker")]
+    # tiny-b keeps Serve LLM's own CPU engine (the model in a worker process beside the engine
+    # core); tiny-a gets rackserve's default, the model in the engine core (docs/7)
+    mp = {"enforce_eager": True, "distributed_executor_backend": "mp"}
+    two = [*one, entry("tiny-b", models["tiny-b"], "worker", engine_kwargs=mp)]
 
     first = rackserve("deploy", "--models", models_file(tmp_path / "one.json", one), *common)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -133,6 +136,13 @@ def test_deploy_grow_redeploy_refuse_status_down(
 
     listed = http_json(f"{endpoint}/v1/models")
     assert sorted(m["id"] for m in listed["data"]) == ["tiny-a", "tiny-b"]
+    replicas = replica_pids(address)
+    workers = {}
+    for model_id in ("tiny-a", "tiny-b"):
+        engine, _ = engine_process(replicas[f"rackserve-model:{model_id}"])
+        workers[model_id] = [c for c in children(engine).values() if "VLLM::Worker" in c]
+    assert not workers["tiny-a"], workers  # the model runs in the engine core
+    assert len(workers["tiny-b"]) == 1, workers  # Serve LLM's mp executor, as asked
 
     for model_id in ("tiny-a", "tiny-b"):
         chat = http_json(

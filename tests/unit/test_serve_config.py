@@ -11,7 +11,14 @@ from deployer.config.models_config import ModelManager, parse_models_config
 from deployer.config.units import GIB
 from deployer.errors import ConfigError
 from deployer.planning.placement import Demand, plan_placements
-from deployer.planning.serve_config import NODE_LABEL, engine_specs, route_prefix, waves
+from deployer.planning.serve_config import (
+    CPU_ENGINE_CLASS,
+    ENGINE_CLASS_ENV,
+    NODE_LABEL,
+    engine_specs,
+    route_prefix,
+    waves,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -141,6 +148,26 @@ def test_cpu_plan_has_cpu_bundles_kv_bytes_and_no_gpu_keys() -> None:
         assert "GPU" not in text
         assert "gpu_memory_utilization" not in text
         assert "accelerator_type" not in text
+        assert config["runtime_env"]["env_vars"][ENGINE_CLASS_ENV] == CPU_ENGINE_CLASS
+
+
+@pytest.mark.parametrize(
+    ("backend", "engine_class"), [(None, CPU_ENGINE_CLASS), ("uni", CPU_ENGINE_CLASS), ("mp", None)]
+)
+def test_cpu_engines_run_the_model_in_the_engine_core_unless_a_model_asks_for_mp(
+    backend: str | None, engine_class: str | None
+) -> None:
+    asked = {} if backend is None else {"distributed_executor_backend": backend}
+    models = parse_models_config(json.dumps({"models": [
+        {"model_id": "t", "gpu_memory_gib": 2, "engine_kwargs": asked}
+    ]}))  # fmt: skip
+    cpu = Cluster(nodes=[Node(name="n", cpu_memory_mib=4096, labels={NODE_LABEL: "n"})])
+    demands = [Demand("t", 1, 2 * GIB, kv_cache_bytes=GIB // 4)]
+    (spec,) = engine_specs(plan_placements(cpu, demands), models, cpu)
+    assert spec.llm_config["runtime_env"]["env_vars"].get(ENGINE_CLASS_ENV) == engine_class
+    gpu = Cluster(nodes=[h100_node("g", 1)])
+    (on_gpu,) = engine_specs(plan_for(models, gpu), models, gpu)
+    assert ENGINE_CLASS_ENV not in on_gpu.llm_config["runtime_env"]["env_vars"]
 
 
 def test_unpinnable_node_is_bad_input() -> None:
