@@ -2,7 +2,9 @@
 
 On this machine, in one run, for two random-weight Llama models built locally (`tiny`: hidden
 128, 2 layers; `small`: hidden 1024, 12 layers, about 150 M parameters), each served three ways
-with the same engine settings (one OpenMP thread, batch size, KV cache, eager mode):
+with the same engine settings (one OpenMP thread, batch size, KV cache, eager mode), each running
+vLLM's executor as it does by default (rackserve: the model in the engine core; the others: in a
+worker process beside it; the variants `rackserve,mp` and `vllm,uni` swap that):
 
 - `rackserve`: `rackserve deploy` on a fresh one-node Ray cluster (rackserve's ingress, one
   engine application);
