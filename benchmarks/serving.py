@@ -514,6 +514,9 @@ def start_server(
     return SERVERS[name](model, source, args.cache), not args.no_keep_alive
 
 
+# -- the tables ------------------------------------------------------------------------------
+
+
 def _p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]

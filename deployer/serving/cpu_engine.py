@@ -3,7 +3,7 @@
 On CPU, Ray Serve LLM (2.60) always hands vLLM the `mp` executor, which runs the model in a
 worker process of its own. The engine core and that worker then wait for each other on a
 shared-memory queue by spinning (`sched_yield` in a loop, for a second after each message): two
-processes busy for one engine's work, about 21% of a core at rest and most of two cores under
+processes busy for one engine's work, 11 to 21% of a core at rest and most of two cores under
 load on the development machine, CPU that Serve's proxy, ingress and engine replica then have to
 take from the model's own step. An engine of one rank needs no worker process: vLLM's `uni`
 executor runs the model in the engine core, which sleeps on its input queue when idle.
